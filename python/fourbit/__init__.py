@@ -1,0 +1,18 @@
+"""fourbit: quantized inference kernels for LLMs.
+
+int4 weight-only matmul (W4A16) with per-group scales and offsets, drop-in modules to
+quantize a model, and safetensors checkpoints. See README.md for the format and the API.
+"""
+
+from .checkpoint import load_quantized, save_quantized
+from .format import GROUP_SIZES, Int4Weight, pack_int4, unpack_int4
+from .nn import Int4Linear, quantize_
+from .ops import available_backends, choose_backend, int4_linear
+from .quantize import quantize_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GROUP_SIZES", "Int4Weight", "Int4Linear", "available_backends", "choose_backend", "int4_linear",
+    "load_quantized", "pack_int4", "quantize_", "quantize_weight", "save_quantized", "unpack_int4",
+]

@@ -1,0 +1,173 @@
+"""The fourbit int4 weight format. This module is the one owner of its layout.
+
+A weight matrix W [N, K] (N output features, K input features) is stored as
+
+    w[n, k] = q[n, k] * s[n, g] + m[n, g],      g = k // group_size
+
+- q is an unsigned 4-bit integer in [0, 15].
+- s (scale) and m (offset) are kept per group of ``group_size`` consecutive input
+  channels of one output row, in the compute dtype (fp32, bf16 or fp16). Dequantizing
+  is one fused multiply-add per weight.
+- Symmetric mode is the special case m = -8 * s (q - 8 is a signed int4 in [-8, 7]).
+  GPTQ/AWQ integer zero points z map to m = -z * s; llama.cpp Q4_1 (d, m) maps exactly
+  (s = d); Q4_0 maps to m = -8 * d.
+- group_size is one of 32, 64, 128, 256, or -1 for one group per output row.
+
+Canonical packing (what checkpoints always hold):
+
+- qweight: int32 [N, K_padded // 8]; nibble i (bits 4i..4i+3) of word j holds the q of
+  column 8j + i. The int32 is a container: bit 31 belongs to nibble 7 of the word.
+- scales, offsets: [N, num_groups] in the compute dtype, num_groups = K_padded // group_size
+  (1 when group_size == -1).
+- K_padded rounds K up to a multiple of the group size (to a multiple of 8 when
+  group_size == -1). Padded columns hold q = 0 and are never read: they lie past the K
+  columns of any activation, so the padding never changes a result.
+
+A backend may keep its own prepacked layout, made once at load time, as long as it
+converts to and from this one exactly.
+
+Bytes per weight at group_size 128 with fp16 s and m: 0.5 + 2 * 2 / 128 = 0.531.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_SIZES = (32, 64, 128, 256, -1)
+FORMAT_VERSION = 1
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_NIBBLES = 8  # 4-bit values per int32 word
+
+
+def check_group_size(group_size: int) -> None:
+    """Raise ValueError unless group_size is one the format supports."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+
+
+def padded_k(k: int, group_size: int) -> int:
+    """K rounded up to whole groups (to whole int32 words when group_size == -1)."""
+    check_group_size(group_size)
+    multiple = _NIBBLES if group_size == -1 else group_size
+    return -(-k // multiple) * multiple
+
+
+def group_len(k: int, group_size: int) -> int:
+    """Input channels per group, as kernels see it: K_padded for one group per row."""
+    return padded_k(k, group_size) if group_size == -1 else group_size
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values into the canonical int32 words.
+
+    Args:
+        q: integer tensor [N, K] with values in [0, 15], K a multiple of 8.
+    Returns:
+        int32 [N, K // 8]; nibble i (bits 4i..4i+3) of word j is column 8j + i.
+    """
+    if q.dtype.is_floating_point or q.dtype == torch.bool:
+        raise TypeError(f"pack_int4 expects an integer tensor, got {q.dtype}")
+    if q.dim() != 2 or q.shape[1] % _NIBBLES:
+        raise ValueError(f"pack_int4 expects [N, K] with K a multiple of 8, got {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("pack_int4: values must lie in [0, 15]")
+    n, k = q.shape
+    nibbles = q.to(torch.int64).reshape(n, k // _NIBBLES, _NIBBLES)
+    shifts = torch.arange(0, 4 * _NIBBLES, 4, device=q.device, dtype=torch.int64)
+    words = (nibbles << shifts).sum(dim=-1)  # in [0, 2**32): no carries between nibbles
+    # Reinterpret as int32 (two's complement) without overflow checks.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4.
+
+    Args:
+        qweight: int32 [N, K // 8] in the canonical packing.
+    Returns:
+        uint8 [N, K] with values in [0, 15].
+    """
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise TypeError(f"unpack_int4 expects int32 [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
+    shifts = torch.arange(0, 4 * _NIBBLES, 4, device=qweight.device, dtype=torch.int32)
+    q = (qweight.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops sign bits
+    return q.reshape(qweight.shape[0], -1).to(torch.uint8)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_len: int,
+               k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w = q * s + m, computed in fp32, returned as dtype [N, k] (padding dropped).
+
+    group_len is the number of input channels per group (K_padded for one group per row).
+    """
+    q = unpack_int4(qweight).to(torch.float32)
+    s = scales.to(torch.float32).repeat_interleave(group_len, dim=1)
+    m = offsets.to(torch.float32).repeat_interleave(group_len, dim=1)
+    return torch.addcmul(m, q, s)[:, :k].to(dtype)
+
+
+class Int4Weight:
+    """An int4-quantized weight matrix in the canonical packing (see the module docstring).
+
+    Attributes:
+        qweight: int32 [N, K_padded // 8], canonical nibble order.
+        scales:  [N, num_groups] in the compute dtype.
+        offsets: [N, num_groups], same dtype as scales (m = -8 s when symmetric).
+        group_size: 32, 64, 128, 256 or -1 (one group per output row).
+        symmetric: True when every offset is -8 * scale.
+        shape: (N, K) of the original, unpadded matrix.
+    """
+
+    __slots__ = ("qweight", "scales", "offsets", "group_size", "symmetric", "shape")
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                 group_size: int, shape: tuple[int, int], symmetric: bool = False):
+        check_group_size(group_size)
+        n, k = (int(d) for d in shape)
+        k_pad = padded_k(k, group_size)
+        groups = 1 if group_size == -1 else k_pad // group_size
+        if qweight.dtype != torch.int32:
+            raise TypeError(f"qweight must be int32, got {qweight.dtype}")
+        if tuple(qweight.shape) != (n, k_pad // _NIBBLES):
+            raise ValueError(f"qweight must be [N, K_padded/8] = {(n, k_pad // _NIBBLES)} for shape "
+                             f"{(n, k)} and group_size {group_size}, got {tuple(qweight.shape)}")
+        for name, t in (("scales", scales), ("offsets", offsets)):
+            if t.dtype not in COMPUTE_DTYPES:
+                raise TypeError(f"{name} must be one of {COMPUTE_DTYPES}, got {t.dtype}")
+            if tuple(t.shape) != (n, groups):
+                raise ValueError(f"{name} must be [N, num_groups] = {(n, groups)}, got {tuple(t.shape)}")
+        if scales.dtype != offsets.dtype:
+            raise TypeError(f"scales ({scales.dtype}) and offsets ({offsets.dtype}) must share a dtype")
+        if not (qweight.device == scales.device == offsets.device):
+            raise ValueError(f"qweight, scales and offsets must be on one device, got "
+                             f"{qweight.device}, {scales.device}, {offsets.device}")
+        self.qweight, self.scales, self.offsets = qweight, scales, offsets
+        self.group_size, self.symmetric, self.shape = group_size, bool(symmetric), (n, k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype the scales and offsets are stored in."""
+        return self.scales.dtype
+
+    @property
+    def group_len(self) -> int:
+        """Input channels per group as kernels see it (K_padded when group_size == -1)."""
+        return group_len(self.shape[1], self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float matrix [N, K] this weight stands for, computed in fp32."""
+        return dequantize(self.qweight, self.scales, self.offsets, self.group_len, self.shape[1], dtype)
+
+    def to(self, device) -> "Int4Weight":
+        return Int4Weight(self.qweight.to(device), self.scales.to(device), self.offsets.to(device),
+                          self.group_size, self.shape, self.symmetric)
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        return (f"Int4Weight(shape=({n}, {k}), group_size={self.group_size}, symmetric={self.symmetric}, "
+                f"dtype={self.dtype}, device={self.device})")

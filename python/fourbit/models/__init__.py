@@ -1,0 +1,1 @@
+"""Model definitions and checkpoint loaders (Llama-family, GGUF, Hugging Face)."""

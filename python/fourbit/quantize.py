@@ -1,0 +1,93 @@
+"""How float weights become Int4Weight: round to nearest with per-group min/max."""
+
+from __future__ import annotations
+
+import torch
+
+from .format import COMPUTE_DTYPES, Int4Weight, check_group_size, pack_int4, padded_k
+
+_BITS_AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _next_toward(t: torch.Tensor, up: bool) -> torch.Tensor:
+    """The neighbouring representable value of t in its own dtype (toward +inf if up)."""
+    bits = t.view(_BITS_AS_INT[t.dtype])
+    # Floats are sign-magnitude: for either sign, adding one to the bit pattern moves the
+    # value one step away from zero and subtracting one moves it toward zero.
+    away = (t > 0) if up else (t < 0)
+    toward_zero = (t < 0) if up else (t > 0)
+    stepped = torch.where(away, bits + 1, torch.where(toward_zero, bits - 1, bits))
+    out = stepped.view(t.dtype)
+    # From zero, step to the smallest subnormal of the right sign.
+    tiny = torch.full_like(t, torch.finfo(t.dtype).smallest_normal * torch.finfo(t.dtype).eps)
+    return torch.where(t == 0, tiny if up else -tiny, out)
+
+
+def _store(x: torch.Tensor, dtype: torch.dtype, at_most: torch.Tensor | None = None,
+           at_least: torch.Tensor | None = None) -> torch.Tensor:
+    """Round fp32 x to dtype, then nudge one step so the stored value keeps the bound."""
+    y = x.to(dtype)
+    if at_most is not None:
+        y = torch.where(y.float() > at_most, _next_toward(y, up=False), y)
+    if at_least is not None:
+        y = torch.where(y.float() < at_least, _next_toward(y, up=True), y)
+    return y
+
+
+def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = False,
+                    dtype: torch.dtype | None = None) -> Int4Weight:
+    """Quantize a float weight matrix to int4 by round-to-nearest.
+
+    Args:
+        w: fp32, bf16 or fp16 [N, K] (an nn.Linear weight: out_features x in_features).
+        group_size: 32, 64, 128, 256, or -1 for one group per output row.
+        symmetric: offsets fixed at -8 * scale (scale = absmax / 7.5 per group);
+            otherwise scale = (max - min) / 15 and offset = min per group.
+        dtype: dtype of scales and offsets; defaults to w.dtype.
+    Returns:
+        Int4Weight in the canonical packing. Each weight dequantizes to within half a
+        quantization step (s / 2) of the original: s and m are rounded to their storage
+        dtype first and nudged by one step so the group's range stays covered.
+    """
+    check_group_size(group_size)
+    if not isinstance(w, torch.Tensor) or w.dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"w must be a tensor of dtype {COMPUTE_DTYPES}, got "
+                        f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"w must be a non-empty [N, K] matrix, got shape {tuple(w.shape)}")
+    dtype = dtype or w.dtype
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
+    wf = w.detach().to(torch.float32)
+    if not torch.isfinite(wf).all():
+        raise ValueError("w contains NaN or inf; int4 cannot represent it")
+
+    n, k = wf.shape
+    k_pad = padded_k(k, group_size)
+    glen = k_pad if group_size == -1 else group_size
+    # Pad with copies of the last real column: the group statistics see only real values.
+    padded = torch.cat([wf, wf[:, -1:].expand(n, k_pad - k)], dim=1) if k_pad > k else wf
+    groups = padded.reshape(n, k_pad // glen, glen)
+
+    if symmetric:
+        absmax = groups.abs().amax(dim=-1)
+        scales = (absmax / 7.5).to(dtype)
+        while True:  # 7.5 s must cover absmax after rounding s to its dtype: step s up
+            short = scales.float() * 7.5 < absmax
+            if not short.any():
+                break
+            scales = torch.where(short, _next_toward(scales, up=True), scales)
+        offsets = scales * -8  # exact: a power-of-two multiple
+        s = scales.float().unsqueeze(-1)
+        q = torch.round(groups / torch.where(s == 0, 1.0, s)) + 8
+    else:
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        offsets = _store(lo, dtype, at_most=lo)
+        m = offsets.float()
+        scales = _store((hi - m) / 15, dtype, at_least=(hi - m) / 15)
+        s = scales.float().unsqueeze(-1)
+        q = torch.round((groups - m.unsqueeze(-1)) / torch.where(s == 0, 1.0, s))
+
+    q = q.clamp_(0, 15).to(torch.uint8).reshape(n, k_pad)
+    q[:, k:] = 0  # padded columns are never read; keep them zero so files are canonical
+    return Int4Weight(pack_int4(q), scales, offsets, group_size, (n, k), symmetric)

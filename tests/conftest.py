@@ -1,0 +1,22 @@
+import zlib
+
+import pytest
+import torch
+
+# Parametrize device-aware tests with this: the CUDA case is marked and skipped without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Random data differs between tests and is reproducible for each (seeded by its id)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

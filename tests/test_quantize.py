@@ -1,0 +1,55 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fourbit
+from fourbit.format import GROUP_SIZES
+from helpers import DTYPES
+
+
+def assert_within_half_a_step(w: torch.Tensor, qw: fourbit.Int4Weight):
+    """Every weight dequantizes to within s/2 of the original. The slack is the fp32
+    evaluation of q*s+m (a few ulps of the values involved), not a looser bound."""
+    k = w.shape[1]
+    s = qw.scales.float().repeat_interleave(qw.group_len, dim=1)[:, :k]
+    m = qw.offsets.float().repeat_interleave(qw.group_len, dim=1)[:, :k]
+    err = (qw.dequantize() - w.float()).abs()
+    slack = 4 * torch.finfo(torch.float32).eps * (w.float().abs() + m.abs() + 15 * s)
+    assert (err <= s / 2 + slack).all(), f"worst error {float((err / s).max()):.4f} steps"
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_quantization_error_is_at_most_half_a_step(group_size, symmetric, dtype):
+    w = (torch.randn(48, 1000) * torch.rand(48, 1) * 3).to(dtype)  # rows of different scale
+    qw = fourbit.quantize_weight(w, group_size, symmetric)
+    assert qw.scales.dtype == dtype and qw.shape == (48, 1000) and qw.symmetric == symmetric
+    assert_within_half_a_step(w, qw)
+    if symmetric:
+        assert torch.equal(qw.offsets, -8 * qw.scales)
+
+
+@given(n=st.integers(1, 6), k=st.integers(1, 300), group=st.sampled_from(GROUP_SIZES),
+       symmetric=st.booleans(), dtype=st.sampled_from(list(DTYPES.values())),
+       magnitude=st.sampled_from([1e-3, 1.0, 300.0]), constant_row=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=80, deadline=None)
+def test_quantization_property(n, k, group, symmetric, dtype, magnitude, constant_row, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * magnitude
+    if constant_row:
+        w[0] = w[0, 0]  # a group with max == min: the offset alone must represent it
+    w = w.to(dtype)
+    qw = fourbit.quantize_weight(w, group, symmetric)
+    assert_within_half_a_step(w, qw)
+    q = fourbit.unpack_int4(qw.qweight)
+    assert int(q.max()) <= 15 and (q[:, k:] == 0).all()  # padding is canonical zeros
+
+
+def test_quantize_rejects_bad_weights():
+    with pytest.raises(TypeError, match="dtype"):
+        fourbit.quantize_weight(torch.randint(0, 4, (8, 64)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fourbit.quantize_weight(torch.tensor([[1.0, float("nan")] * 16]))
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        fourbit.quantize_weight(torch.randn(64))

@@ -31,6 +31,8 @@ Bytes per weight at group_size 128 with fp16 s and m: 0.5 + 2 * 2 / 128 = 0.531.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
@@ -90,9 +92,10 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise TypeError(f"unpack_int4 expects int32 [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
-    shifts = torch.arange(0, 4 * _NIBBLES, 4, device=qweight.device, dtype=torch.int32)
-    q = (qweight.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops sign bits
-    return q.reshape(qweight.shape[0], -1).to(torch.uint8)
+    # Byte t of the little-endian words holds columns 2t (low nibble) and 2t + 1 (high).
+    assert sys.byteorder == "little", "fourbit's packing helpers assume a little-endian host"
+    b = qweight.contiguous().view(torch.uint8)
+    return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(qweight.shape[0], -1)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_len: int,
@@ -101,10 +104,10 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tenso
 
     group_len is the number of input channels per group (K_padded for one group per row).
     """
-    q = unpack_int4(qweight).to(torch.float32)
-    s = scales.to(torch.float32).repeat_interleave(group_len, dim=1)
-    m = offsets.to(torch.float32).repeat_interleave(group_len, dim=1)
-    return torch.addcmul(m, q, s)[:, :k].to(dtype)
+    n = qweight.shape[0]
+    q = unpack_int4(qweight).view(n, -1, group_len).to(torch.float32)
+    w = torch.addcmul(offsets.to(torch.float32).unsqueeze(-1), q, scales.to(torch.float32).unsqueeze(-1))
+    return w.view(n, -1)[:, :k].to(dtype)
 
 
 class Int4Weight:

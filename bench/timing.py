@@ -1,0 +1,94 @@
+"""Timing that measures the device, not the host: used by every bench_*.py suite.
+
+CPU: pytest-benchmark's own timer (the work is synchronous).
+CUDA: the calls are captured in a CUDA graph that cycles through several copies of the
+weights (together more than twice the L2, so every call reads them from DRAM), the
+graph is replayed between CUDA events after warm-up, and the median over replays is
+kept. Launch overhead is left out: this is the kernel's time, as under CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+from functools import lru_cache
+
+import torch
+
+
+def copies_to_rotate(bytes_per_copy: int, device: torch.device) -> int:
+    """How many weight copies make the working set exceed twice the L2 cache."""
+    if device.type != "cuda":
+        return 1
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, -(-2 * l2 // max(bytes_per_copy, 1)) + 1)
+
+
+def cuda_time_us(calls: list, replays: int = 20, warmup: int = 3) -> float:
+    """Median time in µs of one call, for calls = [fn on copy 0, fn on copy 1, ...]."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls * warmup:  # compile, autotune, allocate outside the graph
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    per_graph = max(len(calls), 20)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(per_graph):
+            calls[i % len(calls)]()
+    times = []
+    for _ in range(replays + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / per_graph)
+    return statistics.median(times[2:])
+
+
+@lru_cache(maxsize=None)
+def copy_bandwidth_gbs(device_str: str) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
+    device = torch.device(device_str)
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = cuda_time_us([lambda: dst.copy_(src)], replays=10, warmup=2)
+    return 2 * src.numel() / (us * 1e-6) / 1e9
+
+
+@lru_cache(maxsize=None)
+def environment(device_str: str) -> dict:
+    """Device, driver, versions and commit, stored with every result."""
+    device = torch.device(device_str)
+    info = {"torch": torch.__version__, "device_type": device.type}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                     "cpu") if os.path.exists("/proc/cpuinfo") else "cpu"
+        info["device"] = f"{model}, {torch.get_num_threads()} threads"
+    # The GPU machine gets a copy of the tree without .git: the caller passes FOURBIT_COMMIT.
+    info["commit"] = os.environ.get("FOURBIT_COMMIT")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        except OSError:
+            info["commit"] = None
+    return info

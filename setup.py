@@ -48,7 +48,7 @@ def _sources(pattern: str) -> list[str]:
 def _extension():
     sources = ["csrc/registration.cpp"] + _sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-DNDEBUG", "-fopenmp"]
-    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cuda_sources = _sources("csrc/cuda/*.cu")
     if _build_cuda() and cuda_sources:
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FOURBIT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)

@@ -9,7 +9,8 @@ from helpers import DTYPES, assert_matmul_accuracy, random_int4_weight
 
 BACKENDS = ["torch", "cpu", "triton", "cuda"]
 # (N, K): Llama-2-7B layer shapes scaled down 16x along N, and awkward ones.
-SHAPES = {"qkv/16": (768, 4096), "down/16": (256, 11008), "N1000-K576": (1000, 576), "K1000": (96, 1000)}
+SHAPES = {"qkv/16": (768, 4096), "down/16": (256, 11008), "N1000-K576": (1000, 576), "K1000": (96, 1000),
+          "N37-K1000": (37, 1000)}
 ROWS = [1, 2, 3, 7, 16, 33]
 
 
@@ -93,6 +94,23 @@ def test_errors_name_the_problem():
         fourbit.int4_linear(torch.randn(2, 256), weight, backend="tpu")
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
         fourbit.int4_linear(torch.randn(2, 256), weight, backend="cuda")
+
+
+@pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_cpu_kernel_every_instruction_set(isa, monkeypatch):
+    """FOURBIT_CPU_ISA forces a path; each the CPU has must match the reference."""
+    monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
+    try:
+        assert ops._C.int4_mm_cpu_isa() == isa
+    except RuntimeError as error:
+        assert "does not support" in str(error)
+        pytest.skip(f"this CPU has no {isa}")
+    for m, (n, k), group_size in [(1, (37, 1000), -1), (1, (64, 576), 32), (3, (40, 520), 64), (9, (33, 1000), 256)]:
+        weight, dense = random_int4_weight(n, k, group_size, False, torch.float32)
+        x = torch.randn(m, k)
+        bias = torch.randn(n)
+        assert_matmul_accuracy(fourbit.int4_linear(x, weight, bias, backend="cpu"), x, dense, bias)
 
 
 @pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")

@@ -33,9 +33,6 @@ except ImportError as _error:  # the package still works, on the reference backe
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
-# Largest M for which the C++ CPU kernel beats dequantize-then-matmul (bench/results/cpu.md).
-CPU_KERNEL_MAX_M = 256
-
 
 def _unavailable(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run int4_mm on `device` here, or None when it can."""
@@ -61,10 +58,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def choose_backend(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> str:
     """The one place that decides which backend runs int4_mm for a call.
 
-    CPU: the C++ kernel up to CPU_KERNEL_MAX_M rows, dequantize-then-matmul beyond.
-    Elsewhere: the reference, until the Triton and CUDA backends land.
+    CPU: the C++ kernel whenever it is built; it beat dequantize-then-matmul at every M
+    measured, 1 to 256 (bench/results/cpu.md). Elsewhere: the reference, until the Triton
+    and CUDA backends land.
     """
-    if device.type == "cpu" and _C is not None and m <= CPU_KERNEL_MAX_M:
+    if device.type == "cpu" and _C is not None:
         return "cpu"
     return "torch"
 

@@ -1,0 +1,119 @@
+// Launcher of the CPU int4 matmul: checks the inputs, converts them to fp32, picks the
+// instruction set at run time, and splits the output rows over threads. The math is in
+// include/fourbit/int4_cpu_kernel.h.
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "fourbit/int4_cpu.h"
+#include "ops.h"
+
+namespace fourbit {
+namespace {
+
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+bool cpu_supports(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+  if (isa != Isa::kPortable) return false;
+#endif
+  return true;
+}
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "portable";
+}
+
+// The widest instruction set this CPU has, unless FOURBIT_CPU_ISA forces one (tests use
+// it to run every path the machine can).
+Isa pick_isa() {
+  const char* forced = std::getenv("FOURBIT_CPU_ISA");
+  if (forced != nullptr && *forced != '\0') {
+    for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+      if (std::strcmp(forced, isa_name(isa)) == 0) {
+        TORCH_CHECK(cpu_supports(isa), "FOURBIT_CPU_ISA=", forced, " but this CPU does not support it");
+        return isa;
+      }
+    }
+    TORCH_CHECK(false, "FOURBIT_CPU_ISA must be portable, avx2 or avx512, got '", forced, "'");
+  }
+  if (cpu_supports(Isa::kAvx512)) return Isa::kAvx512;
+  if (cpu_supports(Isa::kAvx2)) return Isa::kAvx2;
+  return Isa::kPortable;
+}
+
+bool is_compute_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+}  // namespace
+
+const char* int4_mm_cpu_isa() { return isa_name(pick_isa()); }
+
+at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& offsets, int64_t group_len, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu() &&
+                  offsets.device().is_cpu() && (!bias || bias->device().is_cpu()),
+              "int4_mm_cpu: every input must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, "int4_mm_cpu: x must be 2-D [M, K], got shape ", x.sizes());
+  TORCH_CHECK(is_compute_dtype(x.scalar_type()), "int4_mm_cpu: x must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt,
+              "int4_mm_cpu: qweight must be int32 [N, K_padded / 8], got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0), k_padded = 8 * qweight.size(1);
+  TORCH_CHECK(group_len > 0 && group_len % 8 == 0 && k_padded % group_len == 0,
+              "int4_mm_cpu: group_len must be a positive multiple of 8 dividing K_padded = ", k_padded, ", got ",
+              group_len);
+  const int64_t groups = k_padded / group_len;
+  TORCH_CHECK(k <= k_padded && k > k_padded - group_len, "int4_mm_cpu: x has K = ", k,
+              " columns but qweight holds K_padded = ", k_padded, " with group_len ", group_len);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == groups &&
+                  is_compute_dtype(scales.scalar_type()),
+              "int4_mm_cpu: scales must be float [N, K_padded / group_len] = [", n, ", ", groups, "], got ",
+              scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(offsets.sizes() == scales.sizes() && offsets.scalar_type() == scales.scalar_type(),
+              "int4_mm_cpu: offsets must match scales in dtype and shape, got ", offsets.scalar_type(), " ",
+              offsets.sizes());
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == n && bias->is_floating_point()),
+              "int4_mm_cpu: bias must be a float [N] = [", n, "] tensor");
+
+  auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (m == 0 || n == 0) return out.to(x.scalar_type());
+
+  const Isa isa = pick_isa();
+  const int width = isa == Isa::kAvx512 ? 16 : 8;  // the portable kernel is 8 wide too
+  const auto x32 = x.to(at::kFloat).contiguous();
+  const auto s32 = scales.to(at::kFloat).contiguous();
+  const auto m32 = offsets.to(at::kFloat).contiguous();
+  const auto w = qweight.contiguous();
+  const auto b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  auto xp = at::empty({m, k_padded}, out.options());
+  auto xsum = at::empty({m, groups}, out.options());
+  cpu::int4_prepare_activations(x32.data_ptr<float>(), m, k, k_padded, group_len, groups, width,
+                                xp.data_ptr<float>(), xsum.data_ptr<float>());
+
+  const cpu::Int4MatmulArgs args{xp.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<int32_t>(),
+                                 s32.data_ptr<float>(), m32.data_ptr<float>(),
+                                 b32.defined() ? b32.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                                 m, n, k, k_padded, groups, group_len};
+  auto rows = isa == Isa::kAvx512 ? cpu::int4_matmul_rows_avx512
+              : isa == Isa::kAvx2 ? cpu::int4_matmul_rows_avx2
+                                  : cpu::int4_matmul_rows_portable;
+  // Threads take contiguous ranges of output rows; 16 rows is at least 16 x K/2 bytes of
+  // weights per task, enough to amortize the scheduling.
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(cpu::int4_scratch_floats(args));
+    rows(args, begin, end, scratch.data());
+  });
+  return out.to(x.scalar_type());
+}
+
+}  // namespace fourbit

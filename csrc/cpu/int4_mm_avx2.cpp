@@ -1,0 +1,44 @@
+// AVX2 + FMA CPU int4 matmul: 8 words (64 columns) per register. Everything in this
+// translation unit is compiled for AVX2; it includes no torch or STL code, so no inline
+// function built here can stand in for a baseline copy elsewhere (int4_cpu_kernel.h).
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+#include "fourbit/int4_cpu_kernel.h"
+
+namespace fourbit {
+namespace cpu {
+namespace {
+
+struct Avx2 {
+  static constexpr int W = 8;
+  using vec = __m256;
+  using ivec = __m256i;
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  static vec broadcast(float s) { return _mm256_set1_ps(s); }
+  static ivec load_words(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  // Shift, mask, convert: nibble i of all 8 words. q <= 15 converts exactly.
+  static vec nibble(ivec w, int i) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4 * i), _mm256_set1_epi32(0xF)));
+  }
+  // Groups of 32 columns: words 0-3 of a 64-column register are one group, 4-7 the next.
+  static vec lane_scales(const float* p, int /*per == 2*/) { return _mm256_set_m128(_mm_set1_ps(p[1]), _mm_set1_ps(p[0])); }
+  static float hsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+
+}  // namespace
+
+void int4_matmul_rows_avx2(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, float* scratch) {
+  int4_rows<Avx2>(a, n_begin, n_end, scratch);
+}
+
+}  // namespace cpu
+}  // namespace fourbit

@@ -1,0 +1,97 @@
+// Portable CPU int4 matmul (any instruction set), and the activation preparation that
+// every width shares. Compiled with the default flags.
+#include "fourbit/int4_cpu_kernel.h"
+
+namespace fourbit {
+namespace cpu {
+namespace {
+
+// Eight words per "register" in plain C++: the same activation order and summation
+// lengths as AVX2 (so the same accuracy), and loops the compiler can vectorize for any
+// target.
+struct Portable {
+  static constexpr int W = 8;
+  struct vec {
+    float v[W];
+  };
+  struct ivec {
+    uint32_t v[W];
+  };
+  static vec zero() { return vec{}; }
+  static vec load(const float* p) {
+    vec r;
+    for (int l = 0; l < W; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static vec fma(const vec& a, const vec& b, const vec& c) {
+    vec r;
+    for (int l = 0; l < W; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
+    return r;
+  }
+  static vec add(const vec& a, const vec& b) {
+    vec r;
+    for (int l = 0; l < W; ++l) r.v[l] = a.v[l] + b.v[l];
+    return r;
+  }
+  static void store(float* p, const vec& v) {
+    for (int l = 0; l < W; ++l) p[l] = v.v[l];
+  }
+  static vec broadcast(float s) {
+    vec r;
+    for (int l = 0; l < W; ++l) r.v[l] = s;
+    return r;
+  }
+  static ivec load_words(const int32_t* p) {
+    ivec r;
+    for (int l = 0; l < W; ++l) r.v[l] = static_cast<uint32_t>(p[l]);
+    return r;
+  }
+  static vec nibble(const ivec& w, int i) {
+    vec r;
+    for (int l = 0; l < W; ++l) r.v[l] = static_cast<float>((w.v[l] >> (4 * i)) & 0xF);
+    return r;
+  }
+  // Groups of 32 columns: words 0-3 are one group, 4-7 the next (per == 2).
+  static vec lane_scales(const float* p, int /*per*/) {
+    vec r;
+    for (int l = 0; l < W; ++l) r.v[l] = p[l / 4];
+    return r;
+  }
+  static float hsum(const vec& v) {
+    // Pairwise, as the AVX2 kernel adds its lanes.
+    float h[4];
+    for (int l = 0; l < 4; ++l) h[l] = v.v[l] + v.v[l + 4];
+    return (h[0] + h[2]) + (h[1] + h[3]);
+  }
+};
+
+}  // namespace
+
+void int4_matmul_rows_portable(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, float* scratch) {
+  int4_rows<Portable>(a, n_begin, n_end, scratch);
+}
+
+void int4_prepare_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
+                              int64_t groups, int width, float* xp, float* xsum) {
+  const int64_t block_cols = 8 * static_cast<int64_t>(width);
+  const int64_t full_blocks = (k_padded / 8) / width;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    float* out = xp + r * k_padded;
+    for (int64_t b = 0; b < full_blocks; ++b)
+      for (int64_t i = 0; i < 8; ++i)
+        for (int64_t l = 0; l < width; ++l) {
+          const int64_t col = b * block_cols + 8 * l + i;
+          out[b * block_cols + i * width + l] = col < k ? xr[col] : 0.f;
+        }
+    for (int64_t col = full_blocks * block_cols; col < k_padded; ++col) out[col] = col < k ? xr[col] : 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+      for (int64_t col = g * group_len; col < (g + 1) * group_len && col < k; ++col) sum += xr[col];
+      xsum[r * groups + g] = sum;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fourbit

@@ -38,7 +38,7 @@ else:
     SHAPES = {k: LLAMA_SHAPES[k] for k in ("4096x4096", "4096x11008")}
     ROWS = [1, 16, 64]
     DTYPES = {"fp32": torch.float32}
-    PROVIDERS = ["torch", "tinygemm", "fourbit-cpu", "fourbit-auto"]
+    PROVIDERS = ["torch", "tinygemm", "fourbit-cpu"]
 
 
 def make_call(provider: str, x: torch.Tensor, n: int, k: int):

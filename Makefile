@@ -36,8 +36,8 @@ $(VENV)/.deps:
 	else \
 	  $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PY) -c "import torch" || { echo "torch is not importable in $(VENV)"; exit 1; }
 	$(PY) -m pip install -q $(DEPS)
+	$(PY) -c "import torch" || { echo "torch is not importable in $(VENV)"; exit 1; }
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -33,7 +33,7 @@ if DEVICE.type == "cuda":
     SHAPES = LLAMA_SHAPES
     ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]
     DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    PROVIDERS = ["torch", "tinygemm", "fourbit-auto"]
+    PROVIDERS = ["torch", "tinygemm", "fourbit-triton"]
 else:
     SHAPES = {k: LLAMA_SHAPES[k] for k in ("4096x4096", "4096x11008")}
     ROWS = [1, 16, 64]
@@ -89,5 +89,4 @@ def test_int4_matmul(benchmark, shape, m, dtype, provider):
     benchmark.extra_info.update(
         op="int4_matmul", provider=provider, shape=f"{n}x{k}", n=n, k=k, m=m, dtype=str(dtype).split(".")[-1],
         us=us, gbs=moved / us / 1e3, pct_copy_bw=100 * moved / us / 1e3 / copy_bw, tflops=2 * m * n * k / us / 1e6,
-        backend=fourbit.choose_backend(DEVICE, dtype, m, n, k) if provider == "fourbit-auto" else provider,
-        **env)
+        auto_backend=fourbit.choose_backend(DEVICE, dtype, m, n, k), **env)

@@ -38,7 +38,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]], dict]:
                 line.append(f"{base / case[p]['us']:.2f}x")
             else:
                 line.append("-")
-        line.append(case.get("fourbit-auto", {}).get("backend", "-"))
+        line.append(next(iter(case.values())).get("auto_backend", "-"))
         body.append(line)
     medians = {key: statistics.median(v) for key, v in speedups.items()}
     return header, body, medians

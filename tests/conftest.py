@@ -1,7 +1,16 @@
+import os
 import zlib
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run through Triton's interpreter. It must be chosen before
+# triton is first imported (fourbit imports it lazily, after this).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, tune over a few configs only (kernels/int4_matmul.py): correctness, not speed.
+os.environ.setdefault("FOURBIT_TRITON_TUNE", "quick")
+
+import pytest  # noqa: E402
 
 # Parametrize device-aware tests with this: the CUDA case is marked and skipped without a GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

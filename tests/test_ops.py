@@ -15,6 +15,8 @@ ROWS = [1, 2, 3, 7, 16, 33]
 
 
 def need(backend: str, device: str):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Triton's interpreter is too slow for these shapes; test_triton.py covers it")
     if backend not in fourbit.available_backends(device):
         pytest.skip(f"backend {backend!r} does not run on {device} in this build")
 
@@ -94,6 +96,8 @@ def test_errors_name_the_problem():
         fourbit.int4_linear(torch.randn(2, 256), weight, backend="tpu")
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
         fourbit.int4_linear(torch.randn(2, 256), weight, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run here"):
+        fourbit.int4_linear(torch.randn(2, 256, device="meta"), weight.to("meta"), backend="cpu")
 
 
 @pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")

@@ -5,7 +5,7 @@ for torch.compile and meta tensors), one reference (reference.py) and its backen
 
     "torch"   reference.py: plain PyTorch, any device, the executable spec
     "cpu"     C++ kernel in csrc/cpu/ (AVX-512 / AVX2 / portable, chosen at run time)
-    "triton"  Triton kernels in kernels/ (CUDA)        - lands with the Triton issue
+    "triton"  Triton kernels in kernels/ (CUDA; on the CPU through TRITON_INTERPRET=1)
     "cuda"    CUDA kernels in csrc/cuda/ (tensor cores) - lands with the CUDA issue
 
 `backend="auto"` asks choose_backend(); any other name forces that backend and raises
@@ -44,7 +44,10 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
         if _C is None:
             return "the compiled extension fourbit._C is not built"
         return None
-    if backend in ("triton", "cuda"):
+    if backend == "triton":
+        from . import triton_backend
+        return triton_backend.unavailable(device)
+    if backend == "cuda":
         return "it is not part of this version of fourbit yet"
     return f"it is not a backend; choose one of {('auto',) + BACKENDS}"
 
@@ -59,11 +62,14 @@ def choose_backend(device: torch.device, dtype: torch.dtype, m: int, n: int, k: 
     """The one place that decides which backend runs int4_mm for a call.
 
     CPU: the C++ kernel whenever it is built; it beat dequantize-then-matmul at every M
-    measured, 1 to 256 (bench/results/cpu.md). Elsewhere: the reference, until the Triton
-    and CUDA backends land.
+    measured, 1 to 256 (bench/results/cpu.md).
+    CUDA: the Triton kernels where Triton runs (GEMV or GEMM by M, triton_backend.py).
+    Elsewhere: the reference.
     """
     if device.type == "cpu" and _C is not None:
         return "cpu"
+    if device.type == "cuda" and _unavailable("triton", device) is None:
+        return "triton"
     return "torch"
 
 
@@ -81,6 +87,9 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, m: int, n: 
 def _run_backend(x, qweight, scales, offsets, group_len, bias, backend):
     if backend == "cpu":
         return _C.int4_mm_cpu(x, qweight, scales, offsets, group_len, bias)
+    if backend == "triton":
+        from . import triton_backend
+        return triton_backend.int4_mm(x, qweight, scales, offsets, group_len, bias)
     return reference.int4_mm(x, qweight, scales, offsets, group_len, bias)
 
 

@@ -1,0 +1,196 @@
+"""Triton kernels for int4 weight-only matmul (W4A16) on the canonical fourbit layout.
+
+Layout (python/fourbit/format.py): qweight int32 [N, K_padded/8], nibble i of word j is
+column 8j+i; scales/offsets [N, K_padded/GROUP_LEN]; w = q * s + m.
+
+Two kernels, picked by M in python/fourbit/triton_backend.py (GEMV_MAX_M):
+- int4_gemv_kernel: decode (M of 1 to a few). Each program streams a [BLOCK_N, BLOCK_K]
+  tile of packed words once with contiguous loads along K and reduces with FMAs on CUDA
+  cores; K is split over SPLIT_K programs so a 4096x4096 layer fills every SM, and the
+  partial sums meet in an fp32 workspace through atomic adds (no second pass over weights).
+- int4_gemm_kernel: larger M. A tiled GEMM on tensor cores (tl.dot); each [BLOCK_K, BLOCK_N]
+  weight tile is dequantized in registers inside the K loop, never the whole matrix.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+# Under TRITON_INTERPRET=1 (CPU, CI) each launch runs in Python: one small config, no tuning.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# FOURBIT_TRITON_TUNE=quick tunes over a few configs that still cover split-K and tile
+# shapes (the test suite sets it: every config compiles once per key it meets).
+_QUICK = os.environ.get("FOURBIT_TRITON_TUNE") == "quick"
+
+
+def _sm_count() -> int:
+    try:
+        device = triton.runtime.driver.active.get_current_device()
+        return triton.runtime.driver.active.utils.get_device_properties(device)["multiprocessor_count"]
+    except Exception:  # interpreter or no GPU
+        return 1
+
+
+def gemv_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2})]
+    if _QUICK:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4),
+                triton.Config({"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=2)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=2)
+            for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384
+            for sk in (1, 2, 4, 8) for w in (2, 4)]
+
+
+def prune_gemv(configs, named_args, **kwargs):
+    # Keep configs whose grid fills the GPU without splitting K into tiles of nothing:
+    # at least one program per SM, and every split gets at least one K tile.
+    n, k, sms = named_args["N"], named_args["K"], _sm_count()
+    kept = [c for c in configs
+            if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= max(k, c.kwargs["BLOCK_K"])
+            and (triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] >= sms or c.kwargs["SPLIT_K"] == 8)]
+    return kept or configs[:1]
+
+
+def gemm_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "GROUP_M": 4})]
+    if _QUICK:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "GROUP_M": 8}, num_warps=4),
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8}, num_warps=4)]
+    shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (32, 128, 128, 4, 3),
+              (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
+              (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 8},
+                          num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in shapes for sk in ((1, 2, 4) if bm <= 32 else (1,))]
+
+
+def prune_gemm(configs, named_args, **kwargs):
+    # Tiles no taller than M needs (M_BUCKET is M rounded up to a power of two), and
+    # split-K only where the tile grid alone would not fill the GPU.
+    m_bucket, n, sms = named_args["M_BUCKET"], named_args["N"], _sm_count()
+    kept = []
+    for c in configs:
+        bm, sk = c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]
+        if bm > max(16, m_bucket) or (m_bucket >= 64 and bm < 64):
+            continue
+        tiles = triton.cdiv(m_bucket, bm) * triton.cdiv(n, c.kwargs["BLOCK_N"])
+        if sk > 1 and tiles >= sms:
+            continue
+        kept.append(c)
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=gemv_configs(), key=["N", "K", "GROUP_LEN"], prune_configs_by={"early_config_prune": prune_gemv},
+                 reset_to_zero=["out_ptr"], warmup=5, rep=20, cache_results=True)
+@triton.jit
+def int4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sn, stride_om,
+    GROUP_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # One program: BLOCK_N output features of one row of x, over every SPLIT_K-th K tile.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    # Column 8j + i of a tile sits in word j, nibble i: keep the tile 3D as [n, j, i] so the
+    # packed words are loaded as they lie in memory (contiguous along K) and each nibble is
+    # a shift of the same register, with no reshuffle.
+    offs_j = tl.arange(0, BLOCK_K // 8)
+    shifts = 4 * tl.arange(0, 8)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        words_k = k0 // 8 + offs_j
+        k_cols = k0 + offs_j[:, None] * 8 + tl.arange(0, 8)[None, :]              # [BK/8, 8]
+        x = tl.load(x_ptr + row * stride_xm + k_cols, mask=k_cols < K, other=0.0).to(tl.float32)
+        # Padded words past K/8 hold q = 0 and x is 0 there: the mask only guards the buffer end.
+        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + words_k[None, :],
+                        mask=n_mask[:, None] & (words_k[None, :] * 8 < K), other=0,
+                        eviction_policy="evict_first")                               # read once
+        q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)    # [BN, BK/8, 8]
+        if GROUP_LEN >= BLOCK_K:
+            # The whole tile lies in one group (group lengths are powers of two or one group).
+            g = k0 // GROUP_LEN
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            # sum_k x (q s + m) = s sum_k x q + m sum_k x: one FMA per weight, scale per row.
+            xq = tl.sum(tl.sum(q * x[None, :, :], axis=2), axis=1)
+            acc += s * xq + m * tl.sum(tl.sum(x, axis=1), axis=0)
+        else:
+            # Several groups per tile; GROUP_LEN is a multiple of 8, so word j is in one group.
+            g = (k0 + offs_j * 8) // GROUP_LEN
+            sm_mask = n_mask[:, None] & (words_k[None, :] * 8 < K)
+            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sm_mask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sm_mask, other=0.0).to(tl.float32)
+            w = q * s[:, :, None] + m[:, :, None]
+            acc += tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
+    out_ptrs = out_ptr + row * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=n_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=n_mask, sem="relaxed")
+
+
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "GROUP_LEN"],
+                 prune_configs_by={"early_config_prune": prune_gemm}, reset_to_zero=["out_ptr"],
+                 warmup=5, rep=20, cache_results=True)
+@triton.jit
+def int4_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sn, stride_om, M_BUCKET,
+    GROUP_LEN: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Tiles are visited GROUP_M rows of tiles at a time so neighbouring programs share
+    # weight tiles in L2 (the Triton matmul tutorial's grouped ordering).
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
+    pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    # Row r of a [BLOCK_K, BLOCK_N] weight tile is column k0 + r: word (k0 + r) // 8, nibble
+    # r % 8. Eight rows read the same word (served from L1); each row of the matrix is
+    # still read from DRAM once, in whole 32-byte sectors along K.
+    shifts = (offs_k % 8) * 4
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        words = tl.load(qw_ptr + offs_n[None, :] * stride_qn + (k // 8)[:, None],
+                        mask=n_mask[None, :] & k_mask[:, None], other=0)
+        q = ((words >> shifts[:, None]) & 0xF).to(tl.float32)                      # [BK, BN]
+        if GROUP_LEN >= BLOCK_K:
+            g = k0 // GROUP_LEN
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            m = tl.load(m_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            g = k // GROUP_LEN
+            sm_mask = n_mask[None, :] & k_mask[:, None]
+            s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g[:, None], mask=sm_mask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + offs_n[None, :] * stride_sn + g[:, None], mask=sm_mask, other=0.0).to(tl.float32)
+        w = (q * s + m).to(x.dtype)
+        if FP32_DOT:  # exact fp32 products, not tf32
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")

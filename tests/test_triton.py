@@ -1,0 +1,76 @@
+"""The Triton backend against the independent reference: through the interpreter on the
+CPU (TRITON_INTERPRET=1, set in conftest.py before triton is imported), natively on CUDA.
+Shapes are small on the CPU so the interpreter finishes in a few minutes."""
+
+import pytest
+import torch
+
+import fourbit
+from fourbit import triton_backend
+from fourbit.format import GROUP_SIZES
+from conftest import DEVICES
+from helpers import DTYPES, assert_matmul_accuracy, random_int4_weight
+
+pytestmark = pytest.mark.skipif(triton_backend._IMPORT_ERROR is not None, reason="triton is not installed")
+
+# (N, K): awkward shapes; M on both sides of the GEMV / GEMM crossover.
+SHAPES = {"N1000-K576": (1000, 576), "N40-K1000": (40, 1000), "N96-K256": (96, 256)}
+ROWS = [1, 2, 3, 7, 17, 33]
+
+
+def need(device):
+    reason = triton_backend.unavailable(torch.device(device))
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("m", ROWS)
+def test_triton_matches_reference(m, shape, dtype, device):
+    need(device)
+    n, k = shape
+    weight, dense = random_int4_weight(n, k, 128, False, dtype, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    assert_matmul_accuracy(fourbit.int4_linear(x, weight, backend="triton"), x, dense)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 9], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_triton_group_sizes_and_modes(group_size, symmetric, dtype, m, device):
+    need(device)
+    n, k = 72, 520
+    weight, dense = random_int4_weight(n, k, group_size, symmetric, dtype, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    assert_matmul_accuracy(fourbit.int4_linear(x, weight, bias, backend="triton"), x, dense, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_noncontiguous_batch_and_empty(device):
+    need(device)
+    weight, dense = random_int4_weight(48, 256, 64, False, torch.float16, device)
+    x = torch.randn(2, 256, 3, device=device).half().transpose(1, 2)
+    out = fourbit.int4_linear(x, weight, backend="triton")
+    assert out.shape == (2, 3, 48)
+    assert_matmul_accuracy(out.reshape(6, 48), x.reshape(6, 256), dense)
+    assert fourbit.int4_linear(x[:0], weight, backend="triton").shape == (0, 3, 48)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+def test_triton_llama_shapes_on_cuda(m):
+    need("cuda")
+    for n, k in [(4096, 4096), (4096, 11008), (1024, 4096)]:
+        weight, dense = random_int4_weight(n, k, 128, False, torch.float16, "cuda")
+        x = torch.randn(m, k, device="cuda").half()
+        assert_matmul_accuracy(fourbit.int4_linear(x, weight, backend="triton"), x, dense)
+
+
+@pytest.mark.cuda
+def test_auto_uses_triton_on_cuda():
+    assert fourbit.choose_backend(torch.device("cuda"), torch.float16, 1, 4096, 4096) == "triton"

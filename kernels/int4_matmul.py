@@ -38,9 +38,10 @@ def gemv_configs():
     if _QUICK:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4),
                 triton.Config({"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=2)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=2)
-            for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384
-            for sk in (1, 2, 4, 8) for w in (2, 4)]
+    # Tiles of 2K to 8K weights (16 to 64 registers of q per thread at 4 warps).
+    tiles = [(16, 256), (16, 512), (32, 128), (32, 256), (64, 128)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=2)
+            for bn, bk in tiles for sk in (1, 2, 4, 8)]
 
 
 def prune_gemv(configs, named_args, **kwargs):

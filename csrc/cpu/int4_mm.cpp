@@ -2,6 +2,8 @@
 // instruction set at run time, and splits the output rows over threads. The math is in
 // include/fourbit/int4_cpu_kernel.h.
 #include <cstdlib>
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -74,7 +76,10 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
               group_len);
   const int64_t groups = k_padded / group_len;
   TORCH_CHECK(k <= k_padded && k > k_padded - group_len, "int4_mm_cpu: x has K = ", k,
-              " columns but qweight holds K_padded = ", k_padded, " with group_len ", group_len);
+              " columns but qweight holds K_padded = ", k_padded, " (", qweight.size(1),
+              " words per row) with group_len ", group_len, ": K_padded must be K rounded up to the group length");
+  // The GEMM gathers words of 32 rows with int32 offsets (int4_cpu_kernel.h).
+  TORCH_CHECK(qweight.size(1) <= INT32_MAX / 32, "int4_mm_cpu: K_padded = ", k_padded, " is too large");
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == groups &&
                   is_compute_dtype(scales.scalar_type()),
               "int4_mm_cpu: scales must be float [N, K_padded / group_len] = [", n, ", ", groups, "], got ",
@@ -85,33 +90,53 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == n && bias->is_floating_point()),
               "int4_mm_cpu: bias must be a float [N] = [", n, "] tensor");
 
-  auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
-  if (m == 0 || n == 0) return out.to(x.scalar_type());
+  // Empty problems: no kernel call (and no pointer into an empty tensor).
+  if (m == 0 || n == 0) return at::empty({m, n}, x.options());
+  if (k == 0) {  // no products: out = bias (or 0), broadcast over the rows
+    auto out = at::zeros({m, n}, x.options().dtype(at::kFloat));
+    if (bias) out.add_(bias->to(at::kFloat));
+    return out.to(x.scalar_type());
+  }
 
   const Isa isa = pick_isa();
   const int width = isa == Isa::kAvx512 ? 16 : 8;  // the portable kernel is 8 wide too
+  const bool factored = cpu::int4_use_factored(m, group_len, groups, width);
   const auto x32 = x.to(at::kFloat).contiguous();
   const auto s32 = scales.to(at::kFloat).contiguous();
   const auto m32 = offsets.to(at::kFloat).contiguous();
   const auto w = qweight.contiguous();
   const auto b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  auto xp = at::empty({m, k_padded}, out.options());
-  auto xsum = at::empty({m, groups}, out.options());
-  cpu::int4_prepare_activations(x32.data_ptr<float>(), m, k, k_padded, group_len, groups, width,
-                                xp.data_ptr<float>(), xsum.data_ptr<float>());
+  auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  // The factored schedule reads x permuted to the register layout, plus per-group sums of x
+  // (int4_cpu.h); both are built once per call. The blocked GEMM reads x as it is.
+  at::Tensor xp, xsum;
+  if (factored) {
+    xp = at::empty({m, k_padded}, out.options());
+    xsum = at::empty({m, groups}, out.options());
+    cpu::int4_prepare_activations(x32.data_ptr<float>(), m, k, k_padded, group_len, groups, width,
+                                  xp.data_ptr<float>(), xsum.data_ptr<float>());
+  }
 
-  const cpu::Int4MatmulArgs args{xp.data_ptr<float>(), xsum.data_ptr<float>(), w.data_ptr<int32_t>(),
-                                 s32.data_ptr<float>(), m32.data_ptr<float>(),
-                                 b32.defined() ? b32.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+  const cpu::Int4MatmulArgs args{x32.data_ptr<float>(),
+                                 factored ? xp.data_ptr<float>() : nullptr,
+                                 factored ? xsum.data_ptr<float>() : nullptr,
+                                 w.data_ptr<int32_t>(),
+                                 s32.data_ptr<float>(),
+                                 m32.data_ptr<float>(),
+                                 b32.defined() ? b32.data_ptr<float>() : nullptr,
+                                 out.data_ptr<float>(),
                                  m, n, k, k_padded, groups, group_len};
   auto rows = isa == Isa::kAvx512 ? cpu::int4_matmul_rows_avx512
               : isa == Isa::kAvx2 ? cpu::int4_matmul_rows_avx2
                                   : cpu::int4_matmul_rows_portable;
-  // Threads take contiguous ranges of output rows; 16 rows is at least 16 x K/2 bytes of
-  // weights per task, enough to amortize the scheduling.
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(cpu::int4_scratch_floats(args));
-    rows(args, begin, end, scratch.data());
+  // Threads take contiguous ranges of whole units of output rows (a GEMM panel, or a pass
+  // of the factored schedule), so only the last unit of the last range is partial. A grain
+  // of 2 units (>= 16 rows, >= 16 x K/2 bytes of weights) amortizes the scheduling.
+  const int64_t unit = cpu::int4_rows_per_unit(factored, width);
+  const int64_t units = (n + unit - 1) / unit;
+  at::parallel_for(0, units, 2, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(factored ? 0 : cpu::int4_scratch_floats(width));
+    rows(args, factored, begin * unit, std::min(end * unit, n), scratch.data());
   });
   return out.to(x.scalar_type());
 }

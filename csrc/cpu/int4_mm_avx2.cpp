@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include "fourbit/int4_cpu_kernel.h"
+#include "fourbit/int4_cpu_transpose8.h"
 
 namespace fourbit {
 namespace cpu {
@@ -27,6 +28,17 @@ struct Avx2 {
   }
   // Groups of 32 columns: words 0-3 of a 64-column register are one group, 4-7 the next.
   static vec lane_scales(const float* p, int /*per == 2*/) { return _mm256_set_m128(_mm_set1_ps(p[1]), _mm_set1_ps(p[0])); }
+  static ivec row_offsets(int first, int64_t last, int64_t stride) {
+    const __m256i rows = _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_mullo_epi32(_mm256_min_epi32(rows, _mm256_set1_epi32(static_cast<int>(last))),
+                              _mm256_set1_epi32(static_cast<int>(stride)));
+  }
+  static ivec gather_words(const int32_t* p, ivec idx) {
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(p), idx, 4);
+  }
+  static vec gather(const float* p, ivec idx) { return _mm256_i32gather_ps(p, idx, 4); }
+  // out[t] lane l = rows[l][j + t] (int4_cpu_transpose8.h).
+  static void load_transposed(const int32_t* const* rows, int64_t j, ivec out[8]) { transpose_words_8x8(rows, j, out); }
   static float hsum(vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -36,8 +48,9 @@ struct Avx2 {
 
 }  // namespace
 
-void int4_matmul_rows_avx2(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, float* scratch) {
-  int4_rows<Avx2>(a, n_begin, n_end, scratch);
+void int4_matmul_rows_avx2(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
+                           float* scratch) {
+  int4_rows<Avx2>(a, factored, n_begin, n_end, scratch);
 }
 
 }  // namespace cpu

@@ -1,12 +1,13 @@
 // AVX-512 CPU int4 matmul: 16 words (128 columns) per register. Compiled for AVX-512F/DQ
 // in this translation unit only, chosen at run time when the CPU has it (int4_mm.cpp).
-#pragma GCC target("avx512f,avx512dq,fma")
+#pragma GCC target("avx2,avx512f,avx512dq,fma")
 // GCC 12 warns about the deliberately undefined upper lanes inside its own avx512fintrin.h.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include "fourbit/int4_cpu_kernel.h"
+#include "fourbit/int4_cpu_transpose8.h"
 
 namespace fourbit {
 namespace cpu {
@@ -34,13 +35,30 @@ struct Avx512 {
     v = _mm512_insertf32x4(v, _mm_set1_ps(p[2 * per / 4]), 2);
     return _mm512_insertf32x4(v, _mm_set1_ps(p[3 * per / 4]), 3);
   }
+  static ivec row_offsets(int first, int64_t last, int64_t stride) {
+    const __m512i rows = _mm512_add_epi32(_mm512_set1_epi32(first),
+                                          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    return _mm512_mullo_epi32(_mm512_min_epi32(rows, _mm512_set1_epi32(static_cast<int>(last))),
+                              _mm512_set1_epi32(static_cast<int>(stride)));
+  }
+  static ivec gather_words(const int32_t* p, ivec idx) { return _mm512_i32gather_epi32(idx, p, 4); }
+  static vec gather(const float* p, ivec idx) { return _mm512_i32gather_ps(idx, p, 4); }
+  // out[t] lane l = rows[l][j + t] for 16 rows: the 8 x 8 word transpose of rows 0-7 and
+  // of rows 8-15 (int4_cpu_transpose8.h), the two halves then joined (lanes 0-7 = rows 0-7).
+  static void load_transposed(const int32_t* const* rows, int64_t j, ivec out[8]) {
+    __m256i lo[8], hi[8];
+    transpose_words_8x8(rows, j, lo);
+    transpose_words_8x8(rows + 8, j, hi);
+    for (int t = 0; t < 8; ++t) out[t] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[t]), hi[t], 1);
+  }
   static float hsum(vec v) { return _mm512_reduce_add_ps(v); }
 };
 
 }  // namespace
 
-void int4_matmul_rows_avx512(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, float* scratch) {
-  int4_rows<Avx512>(a, n_begin, n_end, scratch);
+void int4_matmul_rows_avx512(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
+                             float* scratch) {
+  int4_rows<Avx512>(a, factored, n_begin, n_end, scratch);
 }
 
 }  // namespace cpu

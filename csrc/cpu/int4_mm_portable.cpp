@@ -57,6 +57,25 @@ struct Portable {
     for (int l = 0; l < W; ++l) r.v[l] = p[l / 4];
     return r;
   }
+  static ivec row_offsets(int first, int64_t last, int64_t stride) {
+    ivec r;
+    for (int l = 0; l < W; ++l) r.v[l] = static_cast<uint32_t>((first + l < last ? first + l : last) * stride);
+    return r;
+  }
+  static ivec gather_words(const int32_t* p, const ivec& idx) {
+    ivec r;
+    for (int l = 0; l < W; ++l) r.v[l] = static_cast<uint32_t>(p[idx.v[l]]);
+    return r;
+  }
+  static vec gather(const float* p, const ivec& idx) {
+    vec r;
+    for (int l = 0; l < W; ++l) r.v[l] = p[idx.v[l]];
+    return r;
+  }
+  static void load_transposed(const int32_t* const* rows, int64_t j, ivec out[8]) {
+    for (int t = 0; t < 8; ++t)
+      for (int l = 0; l < W; ++l) out[t].v[l] = static_cast<uint32_t>(rows[l][j + t]);
+  }
   static float hsum(const vec& v) {
     // Pairwise, as the AVX2 kernel adds its lanes.
     float h[4];
@@ -67,8 +86,9 @@ struct Portable {
 
 }  // namespace
 
-void int4_matmul_rows_portable(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, float* scratch) {
-  int4_rows<Portable>(a, n_begin, n_end, scratch);
+void int4_matmul_rows_portable(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
+                               float* scratch) {
+  int4_rows<Portable>(a, factored, n_begin, n_end, scratch);
 }
 
 void int4_prepare_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,

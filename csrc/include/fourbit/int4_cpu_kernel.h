@@ -5,6 +5,10 @@
 //   load_words(p)         W words of a weight row
 //   nibble(words, i)      float of nibble i of every word
 //   lane_scales(p, per)   `per` consecutive scales, scale j spread over lanes [j W / per, (j + 1) W / per)
+//   store(p, v)           W floats
+//   row_offsets(first, last, stride)   int32 lane l = min(first + l, last) * stride
+//   gather_words(p, idx) / gather(p, idx)   lane l = p[idx[l]] (int32 words / floats)
+//   load_transposed(rows, j, out[8])   out[t] lane l = rows[l][j + t]  (W rows, 8 words each)
 // Included only by the per-ISA translation units csrc/cpu/int4_mm_<isa>.cpp, each compiled
 // for its instruction set; every function here is a template on V, so the copies of two
 // ISAs never merge. See int4_cpu.h for the math and the activation layout.
@@ -17,12 +21,9 @@
 namespace fourbit {
 namespace cpu {
 
-// Rows of x handled together (MR <= 4): each unpacked weight register feeds MR multiply-adds, so
-// the shift/mask/convert work is shared. 2 MR accumulators + 5 temporaries fit in 16 ymm.
-// Up to this many rows of x, each weight register is unpacked once per group of MR rows
-// and the scale is factored out (int4_row); beyond, rows are dequantized once into a
-// small fp32 tile that every row of x reuses (tile_product).
-constexpr int64_t kFactoredMaxRows = 4;
+// ---- Few rows of x (decode): factored schedule, int4_cpu.h (1) ----
+// Up to kFactoredMaxRows (int4_cpu.h) rows of x, each weight register is unpacked once per
+// group of MR <= 4 rows of x and feeds MR multiply-adds, and the scale is factored out.
 // Weight rows visited per pass over the rows of x: their packed words (8 x K/2 bytes)
 // stay in L1/L2 while every group of MR rows of x streams past them.
 constexpr int64_t kWeightRowsPerPass = 8;
@@ -111,107 +112,192 @@ inline void int4_row(const Int4MatmulArgs& a, int64_t n0, int64_t m0) {
   }
 }
 
-// ---- Larger M: dequantize a few weight rows once, then a register-blocked product ----
+// ---- Larger M: blocked GEMM over dequantized panels ----
+//
+// Past a few rows of x the multiply-adds dominate, and the factored schedule's
+// dot-product form (x along K in registers) would re-read every row of x once per weight
+// row. Instead, as in a BLAS GEMM:
+//   * a panel of NR = 2 W weight rows x KC columns is dequantized ONCE into L1, transposed
+//     to [k][NR] so one k gives two registers of weights for NR consecutive outputs;
+//   * a 6 x NR micro-kernel broadcasts x[m, k] for 6 rows of x and multiply-adds it with
+//     those two registers: 12 accumulators + 2 weights + 1 broadcast = 15 of the 16 ymm, and
+//     each k costs 2 L1 loads + 6 broadcasts for 12 FMAs (the FMA ports are the bottleneck,
+//     as in an fp32 GEMM);
+//   * loops run KC chunk -> panel -> rows of x, so the KC columns of all rows of x (at most
+//     kGemmRowsOfXPerBlock x KC floats, <= 192 KiB) stay in L2 while the thread walks its
+//     panels, each weight is dequantized once per block of rows of x, and partial sums are
+//     added into out once per KC chunk (a cheap vector read-modify-write: rows of out are
+//     contiguous in n).
+// x is read in natural order (no permutation), and k stops at K, so the padding columns of
+// the weights are never touched by the products.
+constexpr int kGemmMicroRows = 6;
+// Rows of x per outer block: bounds the L2 footprint of a KC chunk of x (192 x 256 x 4 =
+// 192 KiB on AVX2). A multiple of kGemmMicroRows.
+constexpr int64_t kGemmRowsOfXPerBlock = 192;
 
-// Weight rows per tile, and rows of x per micro-tile: 3 x 4 accumulators + 3 x + 1 w
-// registers fill the 16 ymm registers; each x load feeds 4 FMAs, each w load 3.
-constexpr int kTileRows = 4;
-constexpr int kTileRowsOfX = 3;
-
-// w = q * s + m for row n, in the same permuted column order as xp (int4_cpu.h).
+// panel[(k - k0) * NR + c] = w[n0 + c, k] for c < NR, k in [k0, k1) rounded up to a word.
+// Rows past `rows` repeat the last valid row (so no read goes past the tensors); their
+// outputs are never stored.
+//
+// The panel wants one k for W consecutive outputs per register, i.e. the weights transposed.
+// With the packing, that is a transpose of WORDS, not of nibbles: if lane l of a register
+// holds word j of row l, nibble i of every lane is column 8 j + i of W rows. So 8 words of
+// each of W rows are loaded contiguously (one 32-byte load per row) and transposed in
+// registers (V::load_transposed, 8 x 8 words on AVX2), after which every nibble is a
+// shift + mask + convert + FMA + store, as in the factored schedule. A word tail (K_padded
+// not a multiple of 64 columns inside this panel) gathers one word of W rows at a time.
+//
+// Memory order: the caller walks panels along n inside a KC chunk, so each panel reads only
+// KC / 2 bytes of each of its rows, scattered far apart; the hardware prefetcher does not
+// follow that, so the words of the NEXT panel are prefetched here, a whole panel's
+// micro-kernels ahead of their use.
 template <class V>
-inline void dequantize_row(const Int4MatmulArgs& a, int64_t n, float* dst) {
+inline void dequantize_panel(const Int4MatmulArgs& a, int64_t n0, int64_t rows, int64_t n_end, int64_t k0,
+                             int64_t k1, float* panel) {
   constexpr int W = V::W;
-  const int32_t* words_row = a.qweight + n * (a.k_padded / 8);
-  const float* s_row = a.scales + n * a.groups;
-  const float* m_row = a.offsets + n * a.groups;
-  const int64_t full_blocks = (a.k_padded / 8) / W, block_cols = 8 * W;
-  for (int64_t b = 0; b < full_blocks; ++b) {
-    typename V::vec s, m;
-    if (a.group_len < block_cols) {
-      const int per = static_cast<int>(block_cols / a.group_len);
-      s = V::lane_scales(s_row + b * per, per);
-      m = V::lane_scales(m_row + b * per, per);
-    } else {
-      const int64_t g = b * block_cols / a.group_len;  // once per register, not per FMA
-      s = V::broadcast(s_row[g]);
-      m = V::broadcast(m_row[g]);
-    }
-    const typename V::ivec words = V::load_words(words_row + b * W);
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) V::store(dst + b * block_cols + i * W, V::fma(V::nibble(words, i), s, m));
-  }
-  for (int64_t j = full_blocks * W; j < a.k_padded / 8; ++j) {
-    const uint32_t word = static_cast<uint32_t>(words_row[j]);
-    const int64_t g = j * 8 / a.group_len;
-    for (int i = 0; i < 8; ++i) dst[j * 8 + i] = static_cast<float>((word >> (4 * i)) & 0xF) * s_row[g] + m_row[g];
-  }
-}
+  constexpr int NR = 2 * W;
+  const int64_t words_per_row = a.k_padded / 8;
+  const int64_t j_begin = k0 / 8, j_end = (k1 + 7) / 8;
+  // Next panel: rows n0 + NR .. n0 + 2 NR - 1, the same words; one prefetch per 64-byte line.
+  for (int64_t n = n0 + NR; n < n0 + 2 * NR && n < n_end; ++n)
+    for (int64_t j = j_begin; j < j_end; j += 16) __builtin_prefetch(a.qweight + n * words_per_row + j);
 
-// out[m0 + r, n0 + c] for r < MR, c < NR: dot products along K of xp rows and tile rows.
-// Padded columns hold x = 0, so the offsets stored there never count.
-template <class V, int MR, int NR>
-inline void tile_product(const Int4MatmulArgs& a, const float* tile, int64_t n0, int64_t m0) {
-  constexpr int W = V::W;
-  const int64_t vecs = a.k_padded / W;
-  typename V::vec acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) acc[r][c] = V::zero();
-  const float* x0 = a.xp + m0 * a.k_padded;
-  for (int64_t v = 0; v < vecs; ++v) {
-    typename V::vec x[MR];
-    for (int r = 0; r < MR; ++r) x[r] = V::load(x0 + r * a.k_padded + v * W);
-#pragma GCC unroll 4
-    for (int c = 0; c < NR; ++c) {
-      const typename V::vec w = V::load(tile + c * a.k_padded + v * W);
-      for (int r = 0; r < MR; ++r) acc[r][c] = V::fma(x[r], w, acc[r][c]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) {
-      float sum = V::hsum(acc[r][c]);
-      for (int64_t k = vecs * W; k < a.k_padded; ++k) sum += x0[r * a.k_padded + k] * tile[c * a.k_padded + k];
-      a.out[(m0 + r) * a.n + n0 + c] = sum + (a.bias ? a.bias[n0 + c] : 0.f);
-    }
-}
-
-template <class V, int NR>
-inline void tile_products(const Int4MatmulArgs& a, const float* tile, int64_t n0) {
-  int64_t m0 = 0;
-  for (; m0 + kTileRowsOfX <= a.m; m0 += kTileRowsOfX) tile_product<V, kTileRowsOfX, NR>(a, tile, n0, m0);
-  if (a.m - m0 == 2) tile_product<V, 2, NR>(a, tile, n0, m0);
-  if (a.m - m0 == 1) tile_product<V, 1, NR>(a, tile, n0, m0);
-}
-
-// Rows [n_begin, n_end) for any M. `scratch` holds kTileRows x k_padded floats.
-template <class V>
-inline void int4_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, float* scratch) {
-  if (a.m <= kFactoredMaxRows) {
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kWeightRowsPerPass) {
-      const int64_t n1 = n0 + kWeightRowsPerPass < n_end ? n0 + kWeightRowsPerPass : n_end;
-      int64_t m0 = 0;
-      for (; m0 + 4 <= a.m; m0 += 4)
-        for (int64_t n = n0; n < n1; ++n) int4_row<V, 4, 1>(a, n, m0);
-      const int64_t rest = a.m - m0;
-      int64_t n = n0;
-      if (rest == 1)  // decode: two weight rows at a time share each x load
-        for (; n + 2 <= n1; n += 2) int4_row<V, 1, 2>(a, n, m0);
-      for (; n < n1; ++n) {
-        if (rest == 3) int4_row<V, 3, 1>(a, n, m0);
-        if (rest == 2) int4_row<V, 2, 1>(a, n, m0);
-        if (rest == 1) int4_row<V, 1, 1>(a, n, m0);
+  const int32_t* w_base = a.qweight + n0 * words_per_row;
+  const float* s_base = a.scales + n0 * a.groups;
+  const float* m_base = a.offsets + n0 * a.groups;
+  for (int h = 0; h < 2; ++h) {
+    const int32_t* row_ptr[W];
+    for (int l = 0; l < W; ++l) row_ptr[l] = w_base + (h * W + l < rows ? h * W + l : rows - 1) * words_per_row;
+    const typename V::ivec g_idx = V::row_offsets(h * W, rows - 1, a.groups);
+    // Groups are whole words. Track the word where the next group starts instead of
+    // dividing per word (a 64-bit division costs as much as dequantizing the word).
+    const int64_t words_per_group = a.group_len / 8;
+    int64_t g = j_begin / words_per_group, next_group_word = -1;
+    typename V::vec s = V::zero(), m = V::zero();
+    // Nibbles of one word register -> 8 consecutive k of the panel.
+    auto emit = [&](const typename V::ivec& words, int64_t j) {
+      if (j >= next_group_word) {
+        if (next_group_word >= 0) ++g;
+        s = V::gather(s_base + g, g_idx);
+        m = V::gather(m_base + g, g_idx);
+        next_group_word = (g + 1) * words_per_group;
       }
+      float* dst = panel + (8 * j - k0) * NR + h * W;
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) V::store(dst + i * NR, V::fma(V::nibble(words, i), s, m));
+    };
+    int64_t j = j_begin;
+    for (; j + 8 <= j_end; j += 8) {
+      typename V::ivec words[8];
+      V::load_transposed(row_ptr, j, words);
+      for (int t = 0; t < 8; ++t) emit(words[t], j + t);
     }
+    const typename V::ivec w_idx = V::row_offsets(h * W, rows - 1, words_per_row);
+    for (; j < j_end; ++j) emit(V::gather_words(w_base + j, w_idx), j);
+  }
+}
+
+// out[m0 + r, n0 + c] (+)= sum_{k < kc} x[m0 + r, k0 + k] * panel[k][c], r < MR, c < cols.
+// The first KC chunk stores (with the bias), later ones accumulate.
+template <class V, int MR>
+inline void gemm_micro(const Int4MatmulArgs& a, const float* panel, int64_t m0, int64_t n0, int64_t cols,
+                       int64_t k0, int64_t kc) {
+  constexpr int W = V::W;
+  constexpr int NR = 2 * W;
+  typename V::vec acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V::zero();
+  const float* x0 = a.x + m0 * a.k + k0;
+  for (int64_t k = 0; k < kc; ++k) {
+    const typename V::vec w0 = V::load(panel + k * NR);
+    const typename V::vec w1 = V::load(panel + k * NR + W);
+    for (int r = 0; r < MR; ++r) {
+      const typename V::vec xb = V::broadcast(x0[r * a.k + k]);
+      acc[r][0] = V::fma(xb, w0, acc[r][0]);
+      acc[r][1] = V::fma(xb, w1, acc[r][1]);
+    }
+  }
+  const bool first = k0 == 0;
+  for (int r = 0; r < MR; ++r) {
+    float* o = a.out + (m0 + r) * a.n + n0;
+    if (cols == NR) {
+      typename V::vec lo = acc[r][0], hi = acc[r][1];
+      if (!first) {
+        lo = V::add(lo, V::load(o));
+        hi = V::add(hi, V::load(o + W));
+      } else if (a.bias != nullptr) {
+        lo = V::add(lo, V::load(a.bias + n0));
+        hi = V::add(hi, V::load(a.bias + n0 + W));
+      }
+      V::store(o, lo);
+      V::store(o + W, hi);
+    } else {
+      float tmp[NR];
+      V::store(tmp, acc[r][0]);
+      V::store(tmp + W, acc[r][1]);
+      for (int64_t c = 0; c < cols; ++c)
+        o[c] = tmp[c] + (!first ? o[c] : a.bias != nullptr ? a.bias[n0 + c] : 0.f);
+    }
+  }
+}
+
+template <class V>
+inline void gemm_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, float* panel) {
+  constexpr int64_t NR = 2 * V::W;
+  const int64_t kc_max = int4_panel_cols(V::W);
+  if (a.k == 0) {  // no products: out = bias
+    for (int64_t r = 0; r < a.m; ++r)
+      for (int64_t n = n_begin; n < n_end; ++n) a.out[r * a.n + n] = a.bias != nullptr ? a.bias[n] : 0.f;
     return;
   }
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileRows) {
-    const int64_t rows = n_end - n0 < kTileRows ? n_end - n0 : kTileRows;
-    for (int64_t c = 0; c < rows; ++c) dequantize_row<V>(a, n0 + c, scratch + c * a.k_padded);
-    if (rows == 4) tile_products<V, 4>(a, scratch, n0);
-    if (rows == 3) tile_products<V, 3>(a, scratch, n0);
-    if (rows == 2) tile_products<V, 2>(a, scratch, n0);
-    if (rows == 1) tile_products<V, 1>(a, scratch, n0);
+  for (int64_t mb = 0; mb < a.m; mb += kGemmRowsOfXPerBlock) {
+    const int64_t mb_end = mb + kGemmRowsOfXPerBlock < a.m ? mb + kGemmRowsOfXPerBlock : a.m;
+    for (int64_t k0 = 0; k0 < a.k; k0 += kc_max) {
+      const int64_t kc = a.k - k0 < kc_max ? a.k - k0 : kc_max;
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+        const int64_t cols = n_end - n0 < NR ? n_end - n0 : NR;
+        dequantize_panel<V>(a, n0, cols, n_end, k0, k0 + kc, panel);
+        int64_t m0 = mb;
+        for (; m0 + kGemmMicroRows <= mb_end; m0 += kGemmMicroRows)
+          gemm_micro<V, kGemmMicroRows>(a, panel, m0, n0, cols, k0, kc);
+        switch (mb_end - m0) {
+          case 5: gemm_micro<V, 5>(a, panel, m0, n0, cols, k0, kc); break;
+          case 4: gemm_micro<V, 4>(a, panel, m0, n0, cols, k0, kc); break;
+          case 3: gemm_micro<V, 3>(a, panel, m0, n0, cols, k0, kc); break;
+          case 2: gemm_micro<V, 2>(a, panel, m0, n0, cols, k0, kc); break;
+          case 1: gemm_micro<V, 1>(a, panel, m0, n0, cols, k0, kc); break;
+          default: break;
+        }
+      }
+    }
   }
+}
+
+template <class V>
+inline void factored_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kWeightRowsPerPass) {
+    const int64_t n1 = n0 + kWeightRowsPerPass < n_end ? n0 + kWeightRowsPerPass : n_end;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= a.m; m0 += 4)
+      for (int64_t n = n0; n < n1; ++n) int4_row<V, 4, 1>(a, n, m0);
+    const int64_t rest = a.m - m0;
+    int64_t n = n0;
+    if (rest == 1)  // decode: two weight rows at a time share each x load
+      for (; n + 2 <= n1; n += 2) int4_row<V, 1, 2>(a, n, m0);
+    for (; n < n1; ++n) {
+      if (rest == 3) int4_row<V, 3, 1>(a, n, m0);
+      if (rest == 2) int4_row<V, 2, 1>(a, n, m0);
+      if (rest == 1) int4_row<V, 1, 1>(a, n, m0);
+    }
+  }
+}
+
+// Rows [n_begin, n_end) for any M; `scratch` holds int4_scratch_floats(V::W) floats.
+template <class V>
+inline void int4_rows(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end, float* scratch) {
+  if (factored)
+    factored_rows<V>(a, n_begin, n_end);
+  else
+    gemm_rows<V>(a, n_begin, n_end, scratch);
 }
 
 }  // namespace cpu

@@ -1,6 +1,7 @@
 """Timing that measures the device, not the host: used by every bench_*.py suite.
 
-CPU: pytest-benchmark's own timer (the work is synchronous).
+CPU: pytest-benchmark's own timer (the work is synchronous), each call on the next of
+several weight copies that together exceed twice the last-level cache.
 CUDA: the calls are captured in a CUDA graph that cycles through several copies of the
 weights (together more than twice the L2, so every call reads them from DRAM), the
 graph is replayed between CUDA events after warm-up, and the median over replays is
@@ -9,6 +10,7 @@ kept. Launch overhead is left out: this is the kernel's time, as under CUDA grap
 
 from __future__ import annotations
 
+import glob
 import os
 import statistics
 import subprocess
@@ -17,12 +19,21 @@ from functools import lru_cache
 import torch
 
 
+def cache_bytes(device: torch.device) -> int:
+    """The largest cache in front of memory: the GPU's L2, or the CPU's last-level cache."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+    return max(sizes, default=32 << 20)
+
+
 def copies_to_rotate(bytes_per_copy: int, device: torch.device) -> int:
-    """How many weight copies make the working set exceed twice the L2 cache."""
-    if device.type != "cuda":
-        return 1
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return max(2, -(-2 * l2 // max(bytes_per_copy, 1)) + 1)
+    """How many weight copies make the working set exceed twice the cache, so that every
+    call reads its weights from memory (DRAM or HBM), as a model's layers do."""
+    return max(2, -(-2 * cache_bytes(device) // max(bytes_per_copy, 1)) + 1)
 
 
 def cuda_time_us(calls: list, replays: int = 20, warmup: int = 3) -> float:

@@ -67,7 +67,7 @@ def main() -> None:
         with open(args.markdown, "w") as f:
             f.write(f"# {title}\n\nCommand: `pytest bench/bench_int4.py --benchmark-only "
                     f"--benchmark-json=...` then `python bench/report.py`. Weights rotate across copies that together exceed twice the "
-                    "largest cache, so every call reads them from memory.\n\n{markdown(header, body)}\n\n"
+                    f"largest cache, so every call reads them from memory.\n\n{markdown(header, body)}\n\n"
                     "Median speedup over the shapes:\n\n" +
                     markdown(["provider", "dtype", "M", "median speedup"],
                              [[p, d, str(m), f"{v:.2f}x"] for (p, d, m), v in sorted(medians.items())]) + "\n")

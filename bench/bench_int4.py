@@ -35,7 +35,10 @@ if DEVICE.type == "cuda":
     SHAPES = LLAMA_SHAPES
     ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]
     DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    PROVIDERS = ["torch", "tinygemm", "fourbit-triton"]
+    # fourbit-triton is what "auto" runs inside the Triton backend; the -gemv/-gemm/-dense
+    # providers force one path each, over the M where it could win, to place the crossovers.
+    PROVIDERS = ["torch", "tinygemm", "fourbit-triton", "fourbit-triton-gemv", "fourbit-triton-gemm",
+                 "fourbit-triton-dense"]
 else:
     SHAPES = {k: LLAMA_SHAPES[k] for k in ("4096x4096", "4096x11008")}
     ROWS = [1, 16, 64]
@@ -62,10 +65,22 @@ def make_call(provider: str, x: torch.Tensor, n: int, k: int):
             sz = torch.randn(k // GROUP, n, 2, dtype=dtype)
             fn = lambda p=packed: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, GROUP, sz)
         return fn, packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
-    backend = provider.split("-", 1)[1]
+    backend, _, path = provider.split("-", 1)[1].partition("-")
     weight = fourbit.quantize_weight(torch.randn(n, k, device=DEVICE, dtype=dtype), GROUP)
     nbytes = sum(t.numel() * t.element_size() for t in (weight.qweight, weight.scales, weight.offsets))
+    if path:
+        from fourbit import triton_backend
+        return (lambda w=weight: triton_backend.int4_mm(x, w.qweight, w.scales, w.offsets, w.group_len,
+                                                        path=path)), nbytes
     return (lambda w=weight: fourbit.int4_linear(x, w, backend=backend)), nbytes
+
+
+def measured(provider: str, m: int, dtype: torch.dtype) -> bool:
+    """Forced Triton paths only where they could be the best choice, in fp16 only."""
+    path = provider.removeprefix("fourbit-triton-") if provider.startswith("fourbit-triton-") else None
+    if path is None:
+        return True
+    return dtype == torch.float16 and {"gemv": m <= 16, "gemm": True, "dense": m >= 64}[path]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -73,6 +88,8 @@ def make_call(provider: str, x: torch.Tensor, n: int, k: int):
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_int4_matmul(benchmark, shape, m, dtype, provider):
+    if not measured(provider, m, dtype):
+        pytest.skip("this path is measured where it could win, in fp16")
     n, k = shape
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     fn, weight_bytes = make_call(provider, x, n, k)

@@ -3,13 +3,16 @@
 Layout (python/fourbit/format.py): qweight int32 [N, K_padded/8], nibble i of word j is
 column 8j+i; scales/offsets [N, K_padded/GROUP_LEN]; w = q * s + m.
 
-Two kernels, picked by M in python/fourbit/triton_backend.py (GEMV_MAX_M):
+Three kernels, picked by M in python/fourbit/triton_backend.py (GEMV_MAX_M, DENSE_MIN_M):
 - int4_gemv_kernel: decode (M of 1 to a few). Each program streams a [BLOCK_N, BLOCK_K]
   tile of packed words once with contiguous loads along K and reduces with FMAs on CUDA
   cores; K is split over SPLIT_K programs so a 4096x4096 layer fills every SM, and the
   partial sums meet in an fp32 workspace through atomic adds (no second pass over weights).
 - int4_gemm_kernel: larger M. A tiled GEMM on tensor cores (tl.dot); each [BLOCK_K, BLOCK_N]
   weight tile is dequantized in registers inside the K loop, never the whole matrix.
+- int4_dequantize_kernel: very large M (prefill of long prompts), where the product is
+  compute-bound and cuBLAS's fp16/bf16 GEMM is the fastest engine: the weight is expanded
+  once per call into a dense [N, K] buffer and handed to torch.matmul.
 """
 
 import os
@@ -24,12 +27,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _QUICK = os.environ.get("FOURBIT_TRITON_TUNE") == "quick"
 
 
-def _sm_count() -> int:
+def _device_properties() -> dict:
+    """SM count and opt-in shared memory per block of the current GPU (1 SM and no limit in
+    the interpreter), for pruning configs."""
     try:
         device = triton.runtime.driver.active.get_current_device()
-        return triton.runtime.driver.active.utils.get_device_properties(device)["multiprocessor_count"]
+        return triton.runtime.driver.active.utils.get_device_properties(device)
     except Exception:  # interpreter or no GPU
-        return 1
+        return {"multiprocessor_count": 1, "max_shared_mem": 1 << 30}
+
+
+def _sm_count() -> int:
+    return _device_properties()["multiprocessor_count"]
 
 
 def gemv_configs():
@@ -68,10 +77,21 @@ def gemm_configs():
             for bm, bn, bk, w, st in shapes for sk in ((1, 2, 4) if bm <= 32 else (1,))]
 
 
+def gemm_shared_bytes(config, x_bytes: int) -> int:
+    """Shared memory a GEMM config pipelines: per stage an x tile and a tile of int32 words
+    (one word per weight position, as the kernel loads them; see int4_gemm_kernel)."""
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    return config.num_stages * (bm * bk * x_bytes + bk * bn * 4)
+
+
 def prune_gemm(configs, named_args, **kwargs):
-    # Tiles no taller than M needs (M_BUCKET is M rounded up to a power of two), and
-    # split-K only where the tile grid alone would not fill the GPU.
-    m_bucket, n, sms = named_args["M_BUCKET"], named_args["N"], _sm_count()
+    # Tiles no taller than M needs (M_BUCKET is M rounded up to a power of two), split-K only
+    # where the tile grid alone would not fill the GPU, and pipelines that fit in shared memory
+    # (a 4090 or A10 has about 100 KB a block, an A100 164 KB, an H100 227 KB).
+    m_bucket, n = named_args["M_BUCKET"], named_args["N"]
+    props = _device_properties()
+    sms, smem = props["multiprocessor_count"], props["max_shared_mem"]
+    x_bytes = named_args["x_ptr"].element_size()
     kept = []
     for c in configs:
         bm, sk = c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]
@@ -80,12 +100,14 @@ def prune_gemm(configs, named_args, **kwargs):
         tiles = triton.cdiv(m_bucket, bm) * triton.cdiv(n, c.kwargs["BLOCK_N"])
         if sk > 1 and tiles >= sms:
             continue
+        if gemm_shared_bytes(c, x_bytes) > smem:
+            continue
         kept.append(c)
-    return kept or configs[:1]
+    return kept or [min(configs, key=lambda c: gemm_shared_bytes(c, x_bytes))]
 
 
-@triton.autotune(configs=gemv_configs(), key=["N", "K", "GROUP_LEN"], prune_configs_by={"early_config_prune": prune_gemv},
-                 reset_to_zero=["out_ptr"], warmup=5, rep=20, cache_results=True)
+@triton.autotune(configs=gemv_configs(), key=["M", "N", "K", "GROUP_LEN"], prune_configs_by={"early_config_prune": prune_gemv},
+                 reset_to_zero=["out_ptr"], cache_results=True)
 @triton.jit
 def int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,
@@ -139,7 +161,7 @@ def int4_gemv_kernel(
 
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "GROUP_LEN"],
                  prune_configs_by={"early_config_prune": prune_gemm}, reset_to_zero=["out_ptr"],
-                 warmup=5, rep=20, cache_results=True)
+                 cache_results=True)
 @triton.jit
 def int4_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,
@@ -184,14 +206,43 @@ def int4_gemm_kernel(
             sm_mask = n_mask[None, :] & k_mask[:, None]
             s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g[:, None], mask=sm_mask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + offs_n[None, :] * stride_sn + g[:, None], mask=sm_mask, other=0.0).to(tl.float32)
-        w = (q * s + m).to(x.dtype)
+        w = q * s + m
         if FP32_DOT:  # exact fp32 products, not tf32
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+        else:  # tensor cores: the weights rounded to x's dtype, as a dense matmul would hold them
+            acc = tl.dot(x, w.to(x.dtype), acc)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc, mask=mask)
     else:
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def int4_dequantize_kernel(
+    qw_ptr, s_ptr, m_ptr, w_ptr,
+    N, K,
+    stride_qn, stride_sn, stride_wn,
+    GROUP_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # w[n, k] = q * s + m in w's dtype, for the large-M path that hands the dense matrix to
+    # cuBLAS. Each program writes a [BLOCK_N, BLOCK_K] tile; the packed words are read once
+    # as they lie ([n, j] along K) and nibble i of word j lands on column 8j + i through a
+    # [BLOCK_N, BLOCK_K/8, 8] view, so stores stay contiguous along K.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    n_mask = offs_n < N
+    k_cols = offs_j[:, None] * 8 + tl.arange(0, 8)[None, :]                          # [BK/8, 8]
+    words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_j[None, :],
+                    mask=n_mask[:, None] & (offs_j[None, :] * 8 < K), other=0)
+    q = ((words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF).to(tl.float32)
+    g = (offs_j * 8) // GROUP_LEN                                                     # word j: one group
+    sm_mask = n_mask[:, None] & (offs_j[None, :] * 8 < K)
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sm_mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sm_mask, other=0.0).to(tl.float32)
+    w = q * s[:, :, None] + m[:, :, None]
+    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + k_cols[None, :, :]
+    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None, None] & (k_cols < K)[None, :, :])

@@ -85,3 +85,24 @@ def test_torch_compile_fullgraph():
         eager = model(ids)
         compiled = torch.compile(model, fullgraph=True)(ids)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_tune_runs_each_distinct_layer_shape_once_per_row_count():
+    model = TinyLM(layers=2)
+    fourbit.quantize_(model, group_size=64)
+    # q/k/v/o share (128 -> 128), gate/up (128 -> 352), down (352 -> 128); lm_head stays float.
+    assert fourbit.tune(model, rows=(1, 5)) == 3 * 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_torch_compile_fullgraph_with_the_triton_backend(device):
+    from fourbit import triton_backend
+    if triton_backend.unavailable(torch.device(device)):
+        pytest.skip(triton_backend.unavailable(torch.device(device)))
+    model = TinyLM(layers=1, dim=64, hidden=96, vocab=64).eval().to(device)
+    fourbit.quantize_(model, group_size=32, backend="triton")
+    ids = torch.randint(0, 64, (1, 5), device=device)
+    with torch.no_grad():
+        eager = model(ids)
+        compiled = torch.compile(model, fullgraph=True)(ids)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

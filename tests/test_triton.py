@@ -37,17 +37,43 @@ def test_triton_matches_reference(m, shape, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m", [1, 9], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("path", triton_backend.PATHS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
-def test_triton_group_sizes_and_modes(group_size, symmetric, dtype, m, device):
+def test_triton_group_sizes_and_modes(group_size, symmetric, dtype, path, device):
+    """Each of the three paths (GEMV, GEMM, dequantize + dense matmul), forced, on every
+    group size and mode; the M of each is one "auto" would send elsewhere, too."""
     need(device)
     n, k = 72, 520
+    m = {"gemv": 3, "gemm": 9, "dense": 6}[path]
     weight, dense = random_int4_weight(n, k, group_size, symmetric, dtype, device)
     x = torch.randn(m, k, device=device).to(dtype)
     bias = torch.randn(n, device=device).to(dtype)
-    assert_matmul_accuracy(fourbit.int4_linear(x, weight, bias, backend="triton"), x, dense, bias)
+    out = triton_backend.int4_mm(x, weight.qweight, weight.scales, weight.offsets, weight.group_len, bias, path=path)
+    assert_matmul_accuracy(out, x, dense, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_triton_dequantize_matches_the_format(group_size, dtype, device):
+    need(device)
+    weight, dense = random_int4_weight(40, 1000, group_size, False, dtype, device)
+    w = triton_backend.dequantize(weight.qweight, weight.scales, weight.offsets, weight.group_len, 1000, dtype)
+    assert w.dtype == dtype and w.shape == (40, 1000)
+    # q * s + m in fp32, rounded once to dtype. The terms can cancel, so the bound scales
+    # with their size, 15 |s| + |m| per group: half an ulp of dtype, plus fp32 roundings.
+    glen = weight.group_len
+    size = (15 * weight.scales.double().abs() + weight.offsets.double().abs()).repeat_interleave(glen, 1)[:, :1000]
+    tol = size * (torch.finfo(dtype).eps / 2 + 2 * torch.finfo(torch.float32).eps)
+    assert ((w.double() - dense.double()).abs() <= tol).all()
+
+
+def test_auto_paths_by_rows():
+    assert [triton_backend.choose_path(m) for m in (1, triton_backend.GEMV_MAX_M, triton_backend.GEMV_MAX_M + 1,
+                                                    triton_backend.DENSE_MIN_M - 1, triton_backend.DENSE_MIN_M)] == \
+        ["gemv", "gemv", "gemm", "gemm", "dense"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -132,3 +132,38 @@ def quantize_(model: nn.Module, group_size: int = 128, symmetric: bool = False, 
         layer = model.get_submodule(name)
         _set_submodule(model, name, Int4Linear.from_linear(layer, group_size, symmetric, backend))
     return model
+
+
+TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@torch.inference_mode()
+def tune(model: nn.Module, rows=TUNE_ROWS, dtype: torch.dtype | None = None) -> int:
+    """Run every distinct Int4Linear shape of model once per row count, so autotuned kernels
+    pick their configs now instead of on the first real request.
+
+    The Triton kernels keep what they measured in Triton's on-disk cache (TRITON_CACHE_DIR,
+    default ~/.triton/cache): a later process on the same GPU and software starts tuned.
+    Ship that directory with a deployment to skip tuning there too.
+
+    Args:
+        model: a model with Int4Linear layers (after quantize_ or load_quantized), on its device.
+        rows: the numbers of rows M (batch x tokens) to tune for; autotuning buckets M by
+            powers of two, so powers of two cover every M.
+        dtype: activation dtype; defaults to each layer's scale dtype.
+    Returns:
+        The number of (shape, M) cases run.
+    """
+    seen, cases = set(), 0
+    for module in model.modules():
+        if not isinstance(module, Int4Linear):
+            continue
+        dt = dtype or module.scales.dtype
+        key = (module.in_features, module.out_features, module.group_size, dt, module.qweight.device, module.backend)
+        if key in seen:
+            continue
+        seen.add(key)
+        for m in rows:
+            module(torch.randn(m, module.in_features, device=module.qweight.device, dtype=dt))
+            cases += 1
+    return cases

@@ -16,7 +16,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp c
 # Results go to $OUT when the device tool sets it, else to bench/results/.
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test bench cuda-check gpu-check clean
 
 demo: $(VENV)/.built
 	$(PY) -m fourbit.cli demo
@@ -44,6 +44,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import fourbit.ops as o; assert o._C is not None, 'fourbit._C did not build'; print('fourbit._C built; CPU kernel ISA:', o._C.int4_mm_cpu_isa())"
 	touch $@
+
+# Compile every csrc/cuda/*.cu for every target arch (FOURBIT_CUDA_ARCHS) with nvcc against
+# torch's headers, without linking or running: works on a CPU machine where nvcc exists.
+cuda-check: $(VENV)/.deps
+	$(PY) csrc/cuda_check.py
 
 # One call on a GPU machine (preinstalled torch, no network): build the extension with
 # that torch, run the whole test suite (CUDA tests included), run the int4 benchmark, and

@@ -24,4 +24,17 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
 // The vector instruction set the CPU kernel picked at run time: "avx512", "avx2" or "portable".
 const char* int4_mm_cpu_isa();
 
+#ifdef FOURBIT_WITH_CUDA
+// Paged KV cache on CUDA (csrc/cuda/paged_attention.cu; layout: python/fourbit/kv_cache.py).
+//   k_cache, v_cache  contiguous [num_blocks, block_size, num_kv_heads, head_dim], one dtype
+//   block_tables      int32 [B, max_blocks];  seq_lens int32 [B]
+// Decode: q [B, Hq, head_dim] (head_dim 64, 80, 96, 128 or 256) -> [B, Hq, head_dim].
+at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+// k_cache[slot] = k[t], v_cache[slot] = v[t]; k, v [T, num_kv_heads, head_dim]; slot_mapping
+// int64 [T] = page * block_size + row, -1 skips.
+void write_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                   const at::Tensor& slot_mapping);
+#endif
+
 }  // namespace fourbit

@@ -16,6 +16,24 @@ TORCH_LIBRARY(fourbit, m) {
   m.def(
       "int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_len, "
       "Tensor? bias, str backend) -> Tensor");
+
+  // Paged KV cache (layout: python/fourbit/kv_cache.py). Caches are
+  // [num_blocks, block_size, num_kv_heads, head_dim]; block_tables int32 [B, max_blocks];
+  // seq_lens int32 [B]; slot_mapping int64 [T] (page * block_size + row, -1 = skip).
+  //
+  // k_cache[slot] = k[t], v_cache[slot] = v[t] for every slot >= 0; k, v [T, Hkv, D].
+  m.def(
+      "write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+      "str backend) -> ()");
+  // Decode: q [B, Hq, D], one token per sequence, attending to its seq_lens[b] cached tokens.
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "float scale, str backend) -> Tensor");
+  // Prefill: q [total_q, Hq, D], the new tokens of sequence b at
+  // query_start_loc[b] .. query_start_loc[b + 1] - 1, causal over the cached tokens.
+  m.def(
+      "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor seq_lens, Tensor query_start_loc, float scale, str backend) -> Tensor");
 }
 
 // Kernel entry points, called by the op implementations in python/fourbit/ops.py.
@@ -25,4 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("group_len"), py::arg("bias") = py::none());
   m.def("int4_mm_cpu_isa", &fourbit::int4_mm_cpu_isa,
         "vector instruction set of the CPU kernel on this machine");
+#ifdef FOURBIT_WITH_CUDA
+  m.def("paged_attention_cuda", &fourbit::paged_attention_cuda, "paged decode attention, CUDA kernel",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("scale"));
+  m.def("write_kv_cuda", &fourbit::write_kv_cuda, "paged KV cache write, CUDA kernel", py::arg("k"), py::arg("v"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
+#endif
 }

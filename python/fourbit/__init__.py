@@ -7,12 +7,14 @@ quantize a model, and safetensors checkpoints. See README.md for the format and 
 from .checkpoint import load_quantized, save_quantized
 from .format import GROUP_SIZES, Int4Weight, pack_int4, unpack_int4
 from .nn import Int4Linear, quantize_, tune
-from .ops import available_backends, choose_backend, int4_linear
+from .ops import (available_backends, choose_attention_backend, choose_backend, int4_linear, paged_attention,
+                  paged_prefill_attention, write_kv)
 from .quantize import quantize_weight
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GROUP_SIZES", "Int4Weight", "Int4Linear", "available_backends", "choose_backend", "int4_linear",
-    "load_quantized", "pack_int4", "quantize_", "quantize_weight", "save_quantized", "tune", "unpack_int4",
+    "GROUP_SIZES", "Int4Weight", "Int4Linear", "available_backends", "choose_attention_backend", "choose_backend",
+    "int4_linear", "load_quantized", "pack_int4", "paged_attention", "paged_prefill_attention", "quantize_",
+    "quantize_weight", "save_quantized", "tune", "unpack_int4", "write_kv",
 ]

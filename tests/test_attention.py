@@ -253,3 +253,58 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fourbit.write_kv.default,
                           (torch.randn(3, 2, 64), torch.randn(3, 2, 64), s.k_cache.clone(), s.v_cache.clone(),
                            torch.tensor([0, -1, 9]), "torch"))
+
+
+# ---- the cache and the ops together ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_kv_cache_serves_prefill_and_decode(backend, device):
+    """Sequences in a PagedKVCache (a shared prompt prefix, a fork with copy-on-write):
+    write_kv at the cache's slot_mapping, then prefill and decode through its block_tables
+    and seq_lens, against dense attention over each sequence's own K/V history."""
+    need(backend, device, "write_kv")
+    heads, kv_heads, head_dim, block = 4, 2, 64, 8
+    cache = fourbit.PagedKVCache(1, 32, block, kv_heads, head_dim, torch.float32, device)
+    history = {}  # seq id -> (K, V) of its tokens, built here
+
+    def feed(seq_id, tokens):
+        """Append tokens, write their K/V, and attend with their queries (prefill)."""
+        slots = cache.append(seq_id, tokens)
+        k, v, q = (torch.randn(len(tokens), n, head_dim, device=device) for n in (kv_heads, kv_heads, heads))
+        fourbit.write_kv(k, v, *cache.layer(0), slots, backend=backend)
+        old_k, old_v = history.get(seq_id, (k[:0], v[:0]))
+        history[seq_id] = (torch.cat([old_k, k]), torch.cat([old_v, v]))
+        return q
+
+    def check_prefill(seq_ids, queries, backend_used):
+        starts = torch.tensor([0] + [len(q) for q in queries], dtype=torch.int32).cumsum(0).to(torch.int32)
+        q = torch.cat(queries)
+        out = fourbit.paged_prefill_attention(q, *cache.layer(0), cache.block_tables(seq_ids), cache.seq_lens(seq_ids),
+                                              starts.to(device), backend=backend_used)
+        for b, seq_id in enumerate(seq_ids):
+            k, v = history[seq_id]
+            ref = dense_attention(queries[b], k, v, head_dim ** -0.5, len(k) - len(queries[b]))
+            torch.testing.assert_close(out[starts[b]:starts[b + 1]].double(), ref, rtol=1e-4, atol=1e-5)
+
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    assert cache.add_sequence("a", prompt) == 0
+    qa = feed("a", prompt)
+    assert cache.add_sequence("b", prompt[:17] + [99]) == 16  # two full blocks shared
+    history["b"] = tuple(t[:16] for t in history["a"])
+    qb = feed("b", [prompt[16], 99])
+    prefill = "auto" if backend == "cuda" else backend  # there is no CUDA prefill kernel
+    check_prefill(["a", "b"], [qa, qb], prefill)
+    cache.fork("a", "c")  # shares a's partly filled last block: c's first append copies it
+    history["c"] = history["a"]
+    steps = {seq_id: [feed(seq_id, [t]) for t in (40, 41, 42)][-1] for seq_id in ("a", "b", "c")}
+    assert cache.blocks("a")[:2] == cache.blocks("b")[:2] == cache.blocks("c")[:2]
+    assert cache.blocks("a")[-1] != cache.blocks("c")[-1]
+    seq_ids = ["a", "b", "c"]
+    q = torch.cat([steps[s] for s in seq_ids])
+    out = fourbit.paged_attention(q, *cache.layer(0), cache.block_tables(seq_ids), cache.seq_lens(seq_ids),
+                                  backend=backend)
+    for b, seq_id in enumerate(seq_ids):
+        k, v = history[seq_id]
+        ref = dense_attention(q[b:b + 1], k, v, head_dim ** -0.5, len(k) - 1)
+        torch.testing.assert_close(out[b:b + 1].double(), ref, rtol=1e-4, atol=1e-5)

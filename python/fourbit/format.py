@@ -174,3 +174,22 @@ class Int4Weight:
         n, k = self.shape
         return (f"Int4Weight(shape=({n}, {k}), group_size={self.group_size}, symmetric={self.symmetric}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def concat_rows(weights: list[Int4Weight]) -> Int4Weight:
+    """Stack int4 weights along N (fused projections such as qkv): exact, since every row
+    carries its own words, scales and offsets. All must share K, group size and dtype."""
+    first = weights[0]
+    for w in weights[1:]:
+        if (w.shape[1], w.group_size, w.dtype, w.device) != (first.shape[1], first.group_size, first.dtype, first.device):
+            raise ValueError(f"cannot concatenate {w} with {first}: K, group size, dtype and device must match")
+    cat = lambda name: torch.cat([getattr(w, name) for w in weights])
+    return Int4Weight(cat("qweight"), cat("scales"), cat("offsets"), first.group_size,
+                      (sum(w.shape[0] for w in weights), first.shape[1]), all(w.symmetric for w in weights))
+
+
+def select_rows(weight: Int4Weight, index: torch.Tensor) -> Int4Weight:
+    """The rows weight[index] (a permutation or subset of output features), exactly."""
+    index = index.to(weight.device)
+    return Int4Weight(weight.qweight[index], weight.scales[index], weight.offsets[index], weight.group_size,
+                      (len(index), weight.shape[1]), weight.symmetric)

@@ -1,0 +1,131 @@
+"""Read Llama-family GGUF files (llama.cpp) through fourbit.gguf_file.
+
+Tensors F32, F16 and BF16 load as they are; Q4_0 and Q4_1 load as Int4Weight with no loss
+(both are groups of 32 along K: Q4_1 stores w = q d + m, which is fourbit's format with
+s = d; Q4_0 stores w = (q - 8) d, the symmetric case m = -8 d); Q8_0 (w = q d, q int8)
+and every other type the `gguf` package can dequantize load as float.
+
+llama.cpp stores the rows of q and k permuted so that rotary pairs are adjacent; the
+reader undoes that permutation (exactly, rows being independent) so the model uses the
+rotate-half pairs of Hugging Face checkpoints for every source.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+
+from ..format import Int4Weight, pack_int4, select_rows
+from ..gguf_file import GGUFFile
+from .llama import LlamaConfig
+
+# Bytes of one block of 32 weights: fp16 d (and fp16 m for Q4_1), then 16 bytes of nibbles.
+_Q4_BLOCK = {"Q4_0": 18, "Q4_1": 20}
+
+
+def read_config(file: GGUFFile) -> LlamaConfig:
+    meta = file.metadata
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"GGUF architecture {arch!r} is not a Llama-family decoder fourbit can run (llama, qwen2)")
+    if "rope_freqs.weight" in file.tensors:
+        raise ValueError("GGUF files with rope_freqs (Llama 3.1 rope scaling) are not supported; load the "
+                         "Hugging Face checkpoint instead")
+    g = lambda name, default=None: meta.get(f"{arch}.{name}", default)
+    heads = g("attention.head_count")
+    return LlamaConfig(
+        vocab_size=g("vocab_size") or len(meta["tokenizer.ggml.tokens"]), hidden_size=g("embedding_length"),
+        intermediate_size=g("feed_forward_length"), num_layers=g("block_count"), num_heads=heads,
+        num_kv_heads=g("attention.head_count_kv", heads), head_dim=g("attention.key_length", 0),
+        rms_norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
+        max_position_embeddings=g("context_length", 4096), tie_word_embeddings="output.weight" not in file.tensors,
+        attention_bias=arch == "qwen2", bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
+
+
+def _blocks(tensor, block_bytes: int) -> np.ndarray:
+    """uint8 [N, K / 32, block_bytes]: the blocks of 32 weights of each row."""
+    n, k = tensor.shape
+    return tensor.data.reshape(n, k // 32, block_bytes)
+
+
+def _fp16(bytes_: np.ndarray) -> torch.Tensor:
+    """[..., 2] uint8 little-endian fp16 values -> float16 tensor [...]."""
+    return torch.from_numpy(np.ascontiguousarray(bytes_).view(np.float16)[..., 0])
+
+
+def _q4_weight(tensor) -> Int4Weight:
+    """A Q4_0 / Q4_1 tensor as an Int4Weight with fp16 scales and offsets, exactly."""
+    n, k = tensor.shape
+    blocks = _blocks(tensor, _Q4_BLOCK[tensor.type_name])
+    d = _fp16(blocks[..., 0:2])                                                     # [n, k / 32]
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., -16:]))                  # [n, k / 32, 16]
+    # Byte j of a block holds weight j (low nibble) and weight j + 16 (high nibble).
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, k)
+    if tensor.type_name == "Q4_1":
+        return Int4Weight(pack_int4(q), d, _fp16(blocks[..., 2:4]), 32, (n, k), symmetric=False)
+    return Int4Weight(pack_int4(q), d, d * -8, 32, (n, k), symmetric=True)  # -8 d is exact in fp16
+
+
+def _float_tensor(tensor) -> torch.Tensor:
+    kind, shape = tensor.type_name, tensor.shape
+    if kind in ("F32", "F16", "BF16"):
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]
+        return torch.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(shape)
+    if kind == "Q8_0":  # 32 int8 weights per block, times an fp16 scale
+        blocks = _blocks(tensor, 34)
+        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)).float()
+        return (q * _fp16(blocks[..., 0:2]).float()[..., None]).reshape(shape)
+    try:
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
+        values = dequantize(tensor.data.reshape(shape[0], -1) if len(shape) > 1 else tensor.data,
+                            GGMLQuantizationType(tensor.type))
+    except (ImportError, NotImplementedError) as error:
+        raise ValueError(f"GGUF tensor {tensor.name} has type {kind}: dequantizing it needs the gguf "
+                         f"package ({error})") from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+
+
+def _tensor(tensor):
+    return _q4_weight(tensor) if tensor.type_name in _Q4_BLOCK else _float_tensor(tensor)
+
+
+def _unpermute_rows(value, heads: int):
+    """Undo llama.cpp's q/k row order (pairs (i, i + D/2) of a head stored as rows 2i, 2i + 1)."""
+    rows = value.shape[0]
+    index = torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+    return select_rows(value, index) if isinstance(value, Int4Weight) else value[index]
+
+
+class GGUFCheckpoint:
+    """A GGUF file as a LlamaConfig and the tensors of models/llama.py's roles."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = GGUFFile(path)
+        self.config = read_config(self.file)
+        self.arch = self.file.metadata["general.architecture"]
+        self._tensors = self.file.tensors
+
+    # llama.cpp's names of the parts of a layer (LAYER_TENSORS) and of the model's ends.
+    _LAYER_NAMES = {"attn_norm": "attn_norm.weight", "ffn_norm": "ffn_norm.weight", "q": "attn_q.weight",
+                    "k": "attn_k.weight", "v": "attn_v.weight", "o": "attn_output.weight",
+                    "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+                    "q_bias": "attn_q.bias", "k_bias": "attn_k.bias", "v_bias": "attn_v.bias"}
+    _MODEL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
+
+    def _get(self, name: str):
+        if name not in self._tensors:
+            raise ValueError(f"{self.path} has no tensor {name!r}")
+        return _tensor(self._tensors[name])
+
+    def model_tensor(self, role: str):
+        return self._get(self._MODEL_NAMES[role])
+
+    def layer_tensor(self, i: int, role: str):
+        value = self._get(f"blk.{i}.{self._LAYER_NAMES[role]}")
+        if self.arch == "llama" and role in ("q", "k"):
+            value = _unpermute_rows(value, self.config.num_heads if role == "q" else self.config.num_kv_heads)
+        return value

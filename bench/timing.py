@@ -1,22 +1,30 @@
-"""Timing that measures the device, not the host: used by every bench_*.py suite.
+"""Timing that measures the device, not the host, and the record every suite stores.
 
 CPU: pytest-benchmark's own timer (the work is synchronous), each call on the next of
 several weight copies that together exceed twice the last-level cache.
 CUDA: the calls are captured in a CUDA graph that cycles through several copies of the
-weights (together more than twice the L2, so every call reads them from DRAM), the
-graph is replayed between CUDA events after warm-up, and the median over replays is
-kept. Launch overhead is left out: this is the kernel's time, as under CUDA graphs.
+weights (together more than twice the L2, so every call reads them from DRAM), the graph
+is replayed between CUDA events after warm-up, and the median over replays is kept.
+Launch overhead is left out: this is the kernel's time, as under CUDA graphs.
+
+FOURBIT_BENCH_SMOKE=1 (CI, with --benchmark-disable) shrinks every suite to its smallest
+case so that the suites keep working; those numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import statistics
 import subprocess
+import time
 from functools import lru_cache
 
 import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SMOKE = os.environ.get("FOURBIT_BENCH_SMOKE") == "1"
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -31,8 +39,8 @@ def cache_bytes(device: torch.device) -> int:
 
 
 def copies_to_rotate(bytes_per_copy: int, device: torch.device) -> int:
-    """How many weight copies make the working set exceed twice the cache, so that every
-    call reads its weights from memory (DRAM or HBM), as a model's layers do."""
+    """How many copies make the working set exceed twice the cache, so that every call reads
+    its operands from memory (DRAM or HBM), as a model's layers do."""
     return max(2, -(-2 * cache_bytes(device) // max(bytes_per_copy, 1)) + 1)
 
 
@@ -61,16 +69,44 @@ def cuda_time_us(calls: list, replays: int = 20, warmup: int = 3) -> float:
     return statistics.median(times[2:])
 
 
+def measure_us(benchmark, make) -> tuple[float, int]:
+    """Time of one call in µs, and the bytes of one operand copy. make() returns (a function
+    running the op on a fresh copy of its operands, bytes of that copy); it is called as
+    many times as copies_to_rotate asks, and the calls cycle through the copies."""
+    fn, nbytes = make()
+    calls = [fn] + [make()[0] for _ in range(copies_to_rotate(nbytes, DEVICE) - 1)]
+    if benchmark.disabled:  # --benchmark-disable: run once, time loosely
+        start = time.perf_counter()
+        benchmark(fn)
+        return (time.perf_counter() - start) * 1e6, nbytes
+    if DEVICE.type == "cuda":
+        us = cuda_time_us(calls)
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=3, warmup_rounds=1)
+        return us, nbytes
+    rotation = itertools.cycle(calls)
+    benchmark(lambda: next(rotation)())
+    return benchmark.stats.stats.median * 1e6, nbytes
+
+
 @lru_cache(maxsize=None)
 def copy_bandwidth_gbs(device_str: str) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
+    """Copy bandwidth (bytes read + written per second) of this device, measured now: the
+    reference for "% of copy bandwidth" in every table."""
     device = torch.device(device_str)
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    size = (256 << 20) if device.type == "cuda" else max(256 << 20, 4 * cache_bytes(device))
+    src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    us = cuda_time_us([lambda: dst.copy_(src)], replays=10, warmup=2)
-    return 2 * src.numel() / (us * 1e-6) / 1e9
+    if device.type == "cuda":
+        us = cuda_time_us([lambda: dst.copy_(src)], replays=10, warmup=2)
+    else:
+        dst.copy_(src)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+        us = statistics.median(times) * 1e6
+    return 2 * size / (us * 1e-6) / 1e9
 
 
 @lru_cache(maxsize=None)
@@ -94,6 +130,7 @@ def environment(device_str: str) -> dict:
         model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                      "cpu") if os.path.exists("/proc/cpuinfo") else "cpu"
         info["device"] = f"{model}, {torch.get_num_threads()} threads"
+        info["driver"] = None
     # The GPU machine gets a copy of the tree without .git: the caller passes FOURBIT_COMMIT.
     info["commit"] = os.environ.get("FOURBIT_COMMIT")
     if not info["commit"]:
@@ -103,3 +140,23 @@ def environment(device_str: str) -> dict:
         except OSError:
             info["commit"] = None
     return info
+
+
+_BASELINES: dict[tuple, float] = {}
+
+
+def record(benchmark, op: str, provider: str, us: float, bytes_moved: int, key: dict, flops: int | None = None,
+           baseline: str = "torch", **fields) -> None:
+    """Store one result in benchmark.extra_info: the case (op and key), µs, GB/s, % of the copy
+    bandwidth, TFLOP/s, and the speedup over the baseline provider of the same case, which
+    every suite measures just before the others (its first provider)."""
+    case = (op, *sorted(key.items()))
+    if provider == baseline:
+        _BASELINES[case] = us
+    base = _BASELINES.get(case)
+    gbs = bytes_moved / us / 1e3
+    copy_bw = copy_bandwidth_gbs(str(DEVICE))
+    benchmark.extra_info.update(
+        op=op, provider=provider, **key, us=us, bytes_moved=bytes_moved, gbs=gbs, copy_gbs=copy_bw,
+        pct_copy_bw=100 * gbs / copy_bw, tflops=flops / us / 1e6 if flops else None,
+        speedup=base / us if base else None, baseline=baseline, smoke=SMOKE, **fields, **environment(str(DEVICE)))

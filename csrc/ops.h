@@ -25,6 +25,16 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
 const char* int4_mm_cpu_isa();
 
 #ifdef FOURBIT_WITH_CUDA
+// int4 weight-only matmul on tensor cores (csrc/cuda/int4_mm.cu), M <= 64:
+//   x        fp16 | bf16 [M, K], contiguous, K a multiple of 8
+//   packed   int32 [N_pad / 16, K_pad / 64 * 128]: python/fourbit/format.py prepack_mma
+//   scales   [groups, N] in x's dtype (the canonical [N, groups], transposed); offsets the same
+//   n        output features N;  group_len  input channels per group (K_pad for one group)
+//   bias     optional [N] in x's dtype
+// returns    [M, N] in x's dtype, fp32 accumulation.
+at::Tensor int4_mm_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const at::Tensor& offsets, int64_t n, int64_t group_len, const std::optional<at::Tensor>& bias);
+
 // Paged KV cache on CUDA (csrc/cuda/paged_attention.cu; layout: python/fourbit/kv_cache.py).
 //   k_cache, v_cache  contiguous [num_blocks, block_size, num_kv_heads, head_dim], one dtype
 //   block_tables      int32 [B, max_blocks];  seq_lens int32 [B]

@@ -44,6 +44,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm_cpu_isa", &fourbit::int4_mm_cpu_isa,
         "vector instruction set of the CPU kernel on this machine");
 #ifdef FOURBIT_WITH_CUDA
+  m.def("int4_mm_cuda", &fourbit::int4_mm_cuda, "int4 weight-only matmul, CUDA tensor-core kernel (M <= 64)",
+        py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("offsets"), py::arg("n"), py::arg("group_len"),
+        py::arg("bias") = py::none());
   m.def("paged_attention_cuda", &fourbit::paged_attention_cuda, "paged decode attention, CUDA kernel",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("scale"));

@@ -14,6 +14,7 @@
 
 #include "fourbit/paged_attention.cuh"
 #include "ops.h"
+#include "sm_count.h"
 
 namespace fourbit {
 namespace {
@@ -29,12 +30,6 @@ void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   const int64_t block_size = k_cache.size(1);
   TORCH_CHECK(block_size >= 8 && (block_size & (block_size - 1)) == 0, "block_size must be a power of two >= 8, got ",
               block_size);
-}
-
-int sm_count(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }

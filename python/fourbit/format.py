@@ -193,3 +193,50 @@ def select_rows(weight: Int4Weight, index: torch.Tensor) -> Int4Weight:
     index = index.to(weight.device)
     return Int4Weight(weight.qweight[index], weight.scales[index], weight.offsets[index], weight.group_size,
                       (len(index), weight.shape[1]), weight.symmetric)
+
+
+# ---- The CUDA kernel's prepacked layout (csrc/include/fourbit/int4_mma.cuh) ----
+#
+# The kernel multiplies with mma.sync.m16n8k16, the weights as the A operand (16 output
+# features x 16 input channels per instruction) and the activations as B. Lane l of a warp
+# (g = l // 4, t = l % 4) holds the A elements a0..a7 of a 16 x 16 tile at
+#     rows  g (a0 a1 a4 a5) and g + 8 (a2 a3 a6 a7),
+#     cols  2t, 2t + 1 (a0-a3) and 2t + 8, 2t + 9 (a4-a7),
+# as four half2 registers (a0 a1), (a2 a3), (a4 a5), (a6 a7). Prepacking puts those eight
+# q of one tile in one int32 word so that one lop3 per register pair makes them halves:
+# nibble p of the word holds a_i with p = h + 2 kh + 4 e, where h picks the row (g or g + 8),
+# kh the column half (2t or 2t + 8) and e the column parity. Four consecutive 16-column
+# tiles (64 columns) make a lane's 16 bytes, so a warp reads 512 contiguous bytes per 16 x 64
+# block: int32 [N_pad / 16, K_pad / 64, 32 lanes, 4 tiles], N and K zero-padded to 64.
+
+MMA_TILE_N, MMA_TILE_K = 64, 64  # the kernel's block of output features, and its K chunk
+
+
+def _mma_view(q: torch.Tensor) -> torch.Tensor:
+    """q [N_pad, K_pad] -> [N_pad/16, K_pad/64, g, t, tile, e, kh, h]: one lane's word per
+    (n16, k64, g, t, tile), its nibbles in the last three axes (position h + 2 kh + 4 e)."""
+    n, k = q.shape
+    q = q.view(n // 16, 2, 8, k // 64, 4, 2, 4, 2)     # [n16, h, g, k64, tile, kh, t, e]
+    return q.permute(0, 3, 2, 6, 4, 7, 5, 1)            # [n16, k64, g, t, tile, e, kh, h]
+
+
+def prepack_mma(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """The canonical qweight int32 [N, K_padded / 8] of a K-column weight as the CUDA kernel
+    reads it: int32 [N_pad / 16, K_pad / 64 * 128], N and K padded (with q = 0) to multiples of 64."""
+    n = qweight.shape[0]
+    n_pad, k_pad = -(-n // MMA_TILE_N) * MMA_TILE_N, -(-k // MMA_TILE_K) * MMA_TILE_K
+    q = torch.zeros(n_pad, k_pad, dtype=torch.int64, device=qweight.device)
+    q[:n, :k] = unpack_int4(qweight)[:, :k].to(torch.int64)
+    nibbles = _mma_view(q).reshape(n_pad // 16, k_pad // 64, 32, 4, 8)
+    words = (nibbles << (4 * torch.arange(8, device=q.device))).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).view(n_pad // 16, -1)
+
+
+def unpack_mma(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of prepack_mma: q uint8 [n, k] (the padding dropped)."""
+    n16, words = packed.shape
+    k_pad = words // 128 * 64
+    nibbles = (packed.to(torch.int64).view(n16, k_pad // 64, 32, 4, 1) >> (4 * torch.arange(8, device=packed.device))) & 0xF
+    q = torch.empty(n16 * 16, k_pad, dtype=torch.uint8, device=packed.device)
+    _mma_view(q).copy_(nibbles.view(n16, k_pad // 64, 8, 4, 4, 2, 2, 2))
+    return q[:n, :k]

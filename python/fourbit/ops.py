@@ -38,7 +38,7 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 # The backends that implement each op, besides the reference ("torch", every op).
 _KERNELS = {
-    "int4_mm": ("cpu", "triton"),
+    "int4_mm": ("cpu", "triton", "cuda"),
     "write_kv": ("triton", "cuda"),
     "paged_attention": ("triton", "cuda"),
     "paged_prefill_attention": ("triton",),
@@ -120,6 +120,9 @@ def _int4_mm_impl(x, qweight, scales, offsets, group_len, bias, backend):
     if backend == "triton":
         from . import triton_backend
         return triton_backend.int4_mm(x, qweight, scales, offsets, group_len, bias)
+    if backend == "cuda":
+        from . import cuda_backend
+        return cuda_backend.int4_mm(_C, x, qweight, scales, offsets, group_len, bias)
     return reference.int4_mm(x, qweight, scales, offsets, group_len, bias)
 
 

@@ -78,9 +78,10 @@ def available_backends(device: torch.device | str = "cpu", op: str = "int4_mm") 
 def choose_backend(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> str:
     """The one place that decides which backend runs int4_mm for a call.
 
-    CPU: the C++ kernel whenever it is built; it beat dequantize-then-matmul at every M
-    measured, 1 to 256 (bench/results/cpu.md).
-    CUDA: the Triton kernels where Triton runs (GEMV or GEMM by M, triton_backend.py).
+    CPU: the C++ kernel whenever it is built; it beat torch's fp32 matmul at every M measured
+    (1, 16, 64 over seven layer shapes: bench/results/cpu.md).
+    CUDA: the Triton kernels where Triton runs (GEMV, GEMM or dense by M, triton_backend.py).
+    The CUDA kernel ("cuda") is picked only once a GPU run has measured it faster: none has.
     Elsewhere: the reference.
     """
     if device.type == "cpu" and _C is not None:

@@ -65,20 +65,25 @@ cuda-check: $(VENV)/.deps
 	$(PY) csrc/cuda_check.py
 
 # One call on a GPU machine (preinstalled torch, no network), under 9 minutes on an H100:
-# build the CUDA extension with that torch (for this GPU's architecture only), run every CUDA test, run compute-sanitizer
-# memcheck over the CUDA kernels' tests, run the GPU benchmarks, and print a summary last.
+# build the CUDA extension with that torch (for this GPU's architecture only), run every CUDA
+# test, run compute-sanitizer (memcheck, racecheck) over the CUDA kernels' tests, run the GPU
+# benchmarks, and print a summary last.
 # Everything lands in $(RESULTS) ($OUT under the device tool: at most 8 files). Each stage
 # has its own time limit so that a slow one cannot take the results of the others with it.
 # FOURBIT_COMMIT names the commit in the results (the device gets the tree without .git).
+# The sanitizers run the CUDA kernels' own tests (backend "cuda"), short shapes only.
+SANITIZED := (cuda-cuda and not long) or test_cuda_group_sizes or test_cuda_every_m
 gpu-check:
 	@mkdir -p $(RESULTS)
 	$(PYTHON) -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.__version__, torch.cuda.get_device_name())"
 	FOURBIT_CUDA=1 MAX_JOBS=16 FOURBIT_CUDA_ARCHS=$$($(PYTHON) -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
 	  $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
-	-timeout 180 $(PYTHON) -m pytest tests -q -m cuda -p no:cacheprovider --maxfail=25 2>&1 | tee $(RESULTS)/gpu-tests.log | tail -n 15
-	-timeout 70 compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest tests/test_attention.py -q \
-	  -p no:cacheprovider -m cuda -k "cuda-cuda and not long" 2>&1 | tee $(RESULTS)/gpu-sanitizer.log | tail -n 8
-	-timeout 220 $(PYTHON) bench/run.py --out $(RESULTS)
+	-timeout 170 $(PYTHON) -m pytest tests -q -m cuda -p no:cacheprovider --maxfail=25 2>&1 | tee $(RESULTS)/gpu-tests.log | tail -n 15
+	-timeout 60 compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest tests/test_attention.py \
+	  tests/test_cuda_int4.py -q -p no:cacheprovider -m cuda -k "$(SANITIZED)" 2>&1 | tee $(RESULTS)/gpu-sanitizer.log | tail -n 8
+	-timeout 40 compute-sanitizer --tool racecheck --error-exitcode 1 $(PYTHON) -m pytest tests/test_cuda_int4.py -q \
+	  -p no:cacheprovider -m cuda -k "test_cuda_every_m" 2>&1 | tee -a $(RESULTS)/gpu-sanitizer.log | tail -n 8
+	-timeout 200 $(PYTHON) bench/run.py --out $(RESULTS)
 	@echo "== summary =="; tail -n 3 $(RESULTS)/gpu-tests.log; tail -n 3 $(RESULTS)/gpu-sanitizer.log; \
 	  $(PYTHON) bench/report.py $(RESULTS)/*.json 2>/dev/null | head -n 40
 

@@ -233,6 +233,27 @@ def test_errors_name_the_problem():
         fourbit.paged_attention(q, *args, backend="cpu")
 
 
+def test_index_values_are_checked_again_after_an_in_place_change():
+    """Checks run once per tensor (a model reuses a step's tables in every layer), but a
+    tensor changed in place since its check is checked again."""
+    s = PagedSetup([5, 9], 2, 64, 16, torch.float16)
+    q = torch.randn(2, 4, 64).half()
+    slots = torch.tensor([0, 1])
+    kv = torch.randn(2, 2, 64).half()
+    fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens)
+    fourbit.write_kv(kv, kv, s.k_cache, s.v_cache, slots)
+    s.seq_lens[1] = 10**6
+    with pytest.raises(ValueError, match="seq_lens must lie in"):
+        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens)
+    s.seq_lens[1] = 9
+    s.block_tables[1, 0] = 99
+    with pytest.raises(ValueError, match="outside"):
+        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens)
+    slots[1] = 10**4
+    with pytest.raises(ValueError, match="slot_mapping values"):
+        fourbit.write_kv(kv, kv, s.k_cache, s.v_cache, slots)
+
+
 def test_empty_batch():
     s = PagedSetup([5], 2, 64, 16, torch.float16)
     q = torch.randn(0, 4, 64).half()

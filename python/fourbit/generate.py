@@ -36,6 +36,12 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def _tracked():
+    """Make a step's index tensors outside inference mode: tensors that track their version
+    let the ops check their values once per step instead of once per layer (ops.py)."""
+    return torch.inference_mode(False)
+
+
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -171,13 +177,14 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
                     chunks.append(chunk)
                     budget -= len(chunk)
             starts = [cache.seq_len(s) for s in batch]
-            slot_mapping = torch.cat([cache.append(s, c) for s, c in zip(batch, chunks)])
             lengths = torch.tensor([len(c) for c in chunks])
             positions = torch.cat([torch.arange(s, s + len(c)) for s, c in zip(starts, chunks)]).to(device)
             query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
             finished = [i for i, s in enumerate(batch) if not pending[s]]  # prompts complete this step
-            context = PagedContext(cache, slot_mapping, cache.block_tables(batch), cache.seq_lens(batch),
-                                   query_start_loc.to(torch.int32).to(device), backend=backend)
+            with _tracked():
+                context = PagedContext(cache, torch.cat([cache.append(s, c) for s, c in zip(batch, chunks)]),
+                                       cache.block_tables(batch), cache.seq_lens(batch),
+                                       query_start_loc.to(torch.int32).to(device), backend=backend)
             input_ids = torch.tensor([t for c in chunks for t in c], device=device)
             rows = (query_start_loc[1:] - 1)[finished].to(device)
             logits = model(input_ids, positions, context, logits_rows=rows)
@@ -192,11 +199,12 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             batch = [s for s in seqs if s not in done]
             if not batch:
                 break
-            slot_mapping = torch.cat([cache.append(s, [last[s]]) for s in batch])
-            seq_lens = cache.seq_lens(batch)
+            with _tracked():
+                slot_mapping = torch.cat([cache.append(s, [last[s]]) for s in batch])
+                seq_lens = cache.seq_lens(batch)
+                block_tables = cache.block_tables(batch)
             input_ids = torch.tensor([last[s] for s in batch], device=device)
             positions = (seq_lens - 1).to(torch.int64)
-            block_tables = cache.block_tables(batch)
             logits = None
             if graphs is not None:
                 try:

@@ -20,6 +20,7 @@ import importlib
 import warnings
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 from .format import COMPUTE_DTYPES, Int4Weight
@@ -258,6 +259,36 @@ def _values_checkable(*tensors: torch.Tensor) -> bool:
     return not any(t.is_cuda for t in tensors) or not torch.cuda.is_current_stream_capturing()
 
 
+# Index tensors whose values passed their checks, and what they were checked with. A model
+# hands the same block_tables, seq_lens, slot_mapping and query_start_loc to every layer of
+# a step, so each is checked once per step rather than once per layer (on a GPU every check
+# reads the device from the host). An in-place change bumps a tensor's version, and it is
+# checked again; tensors made in inference mode track no version and are always checked.
+_CHECKED = WeakIdKeyDictionary()
+
+
+def _versioned(*values) -> bool:
+    return all(not isinstance(v, torch.Tensor) or not v.is_inference() for v in values)
+
+
+def _already_checked(tensor: torch.Tensor, *context) -> bool:
+    """Whether tensor's values passed their check with this context (tensors compared by
+    identity and version, other values by equality) and are unchanged since."""
+    if not _versioned(tensor, *context):
+        return False
+    seen = _CHECKED.get(tensor)
+    if seen is None or seen[0] != tensor._version or len(seen[1]) != len(context):
+        return False
+    return all((a is b and a._version == v) if isinstance(b, torch.Tensor) else a == b
+               for (a, v), b in zip(seen[1], context))
+
+
+def _mark_checked(tensor: torch.Tensor, *context) -> None:
+    if _versioned(tensor, *context):
+        _CHECKED[tensor] = (tensor._version,
+                            [(c, c._version if isinstance(c, torch.Tensor) else None) for c in context])
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
@@ -304,8 +335,9 @@ def _check_tables(block_tables, seq_lens, k_cache, batch: int) -> None:
     _check_index("seq_lens", seq_lens, torch.int32, (batch,), k_cache.device)
     if block_tables.shape[1] == 0:
         raise ValueError("block_tables must have at least one column")
-    if batch and _values_checkable(block_tables, seq_lens):
-        num_blocks, block_size = k_cache.shape[:2]
+    num_blocks, block_size = k_cache.shape[:2]
+    if batch and _values_checkable(block_tables, seq_lens) and \
+            not _already_checked(block_tables, seq_lens, num_blocks, block_size):
         capacity = block_tables.shape[1] * block_size
         used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] * block_size < seq_lens[:, None]
         if bool(((seq_lens < 1) | (seq_lens > capacity)).any()):
@@ -314,6 +346,7 @@ def _check_tables(block_tables, seq_lens, k_cache, batch: int) -> None:
         if bool((used & ((block_tables < 0) | (block_tables >= num_blocks))).any()):
             raise ValueError(f"block_tables holds pages outside [0, num_blocks = {num_blocks}) "
                              "within the sequences' lengths")
+        _mark_checked(block_tables, seq_lens, num_blocks, block_size)
 
 
 def _scale(scale, head_dim: int) -> float:
@@ -329,7 +362,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k_cache, v_cache: contiguous [num_blocks, block_size, num_kv_heads, head_dim] (NHD pages).
         slot_mapping: int64 [T]; token t goes to page slot // block_size, row slot % block_size;
             -1 skips the token.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton" or "cuda".
     """
     _check_cache(k_cache, v_cache)
     for name, t in (("k", k), ("v", v)):
@@ -344,9 +377,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     _check_index("slot_mapping", slot_mapping, torch.int64, (k.shape[0],), k_cache.device)
     slots = k_cache.shape[0] * k_cache.shape[1]
-    if k.shape[0] and _values_checkable(slot_mapping) and \
-            bool(((slot_mapping < -1) | (slot_mapping >= slots)).any()):
-        raise ValueError(f"slot_mapping values must be -1 or lie in [0, num_blocks * block_size = {slots})")
+    if k.shape[0] and _values_checkable(slot_mapping) and not _already_checked(slot_mapping, slots):
+        if bool(((slot_mapping < -1) | (slot_mapping >= slots)).any()):
+            raise ValueError(f"slot_mapping values must be -1 or lie in [0, num_blocks * block_size = {slots})")
+        _mark_checked(slot_mapping, slots)
     chosen = _resolve(backend, k.device, "write_kv", lambda: choose_attention_backend(k.device))
     if k.shape[0]:
         _write_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, chosen)
@@ -363,7 +397,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             block_tables[b, t // block_size], row t % block_size.
         seq_lens: int32 [B]; sequence b attends to its tokens 0 .. seq_lens[b] - 1 (>= 1).
         scale: softmax scale, default D ** -0.5.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton" or "cuda".
     Returns:
         [B, Hq, D] in q's dtype.
     """
@@ -400,13 +434,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     batch = block_tables.shape[0] if isinstance(block_tables, torch.Tensor) else 0
     _check_tables(block_tables, seq_lens, k_cache, batch)
     _check_index("query_start_loc", query_start_loc, torch.int32, (batch + 1,), k_cache.device)
-    if _values_checkable(query_start_loc, seq_lens):
+    if _values_checkable(query_start_loc, seq_lens) and not _already_checked(query_start_loc, seq_lens, q.shape[0]):
         new = query_start_loc[1:] - query_start_loc[:-1]
         if int(query_start_loc[0]) != 0 or int(query_start_loc[-1]) != q.shape[0] or bool((new < 0).any()):
             raise ValueError(f"query_start_loc must rise from 0 to total_q = {q.shape[0]}, "
                              f"got {query_start_loc.tolist()}")
         if bool((new > seq_lens).any()):
             raise ValueError("a sequence has more new tokens (query_start_loc) than tokens (seq_lens)")
+        _mark_checked(query_start_loc, seq_lens, q.shape[0])
     chosen = _resolve(backend, q.device, "paged_prefill_attention", lambda: choose_attention_backend(q.device))
     if q.shape[0] == 0:
         return torch.empty_like(q)

@@ -2,6 +2,7 @@
 embedded SmolLM2 GGUF (Q4_1 layers loaded as int4 with no loss), Hugging Face directories of
 several Llama-family architectures, quantize-while-loading, and fourbit's own directories."""
 
+import dataclasses
 import json
 
 import pytest
@@ -173,3 +174,44 @@ def test_load_errors_name_the_problem(tmp_path):
         fourbit.load_model(tmp_path, device="cpu")
     with pytest.raises(TypeError, match="quantize must be"):
         fourbit.load_model(tmp_path, device="cpu", quantize=4)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"], ids=["separate-head", "tied-head"])
+def test_quantize_config_while_loading_matches_quantize_(kind, tmp_path):
+    """load_model(quantize=config) quantizes exactly the layers the config's skip and filter
+    select, bit for bit as quantize_ does on the float model, with the config's backend; a
+    dict of the same fields gives the same model. A tied lm_head stays float."""
+    tiny_hf_model(kind).save_pretrained(tmp_path)
+    config = fourbit.Int4WeightOnlyConfig(group_size=32, symmetric=True, skip="down_proj", backend="torch",
+                                          filter=lambda name, module: not name.startswith("layers.1.self_attn"))
+    loaded = fourbit.load_model(tmp_path, device="cpu", quantize=config)
+    # quantize_ would quantize a tied head too (the loader keeps it tied, so float): skip it there.
+    tied = kind == "qwen2"
+    reference = fourbit.quantize_(fourbit.load_model(tmp_path, device="cpu"),
+                                  dataclasses.replace(config, skip=("down_proj", "lm_head")) if tied else config)
+    from_dict = fourbit.load_model(tmp_path, device="cpu", quantize=dict(
+        group_size=32, symmetric=True, skip="down_proj", backend="torch", filter=config.filter))
+    int4 = {n: m for n, m in loaded.named_modules() if isinstance(m, fourbit.Int4Linear)}
+    expected = {"layers.0.self_attn.qkv_proj", "layers.0.self_attn.o_proj", "layers.0.mlp.gate_up_proj",
+                "layers.1.mlp.gate_up_proj"} | (set() if tied else {"lm_head"})
+    assert set(int4) == expected
+    assert {(m.group_size, m.symmetric, m.backend) for m in int4.values()} == {(32, True, "torch")}
+    for other in (reference, from_dict):
+        assert {n for n, m in other.named_modules() if isinstance(m, fourbit.Int4Linear)} == expected
+        ours, theirs = loaded.state_dict(), other.state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_quantize_option_errors_name_the_problem(tmp_path):
+    """A misspelled key or impossible value is an error naming it, before any weight is read."""
+    tiny_hf_model("llama3").save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="'group_sise'.*did you mean 'group_size'"):
+        fourbit.load_model(tmp_path, device="cpu", quantize=dict(group_sise=32))
+    with pytest.raises(ValueError, match="got 100"):
+        fourbit.load_model(tmp_path, device="cpu", quantize=dict(group_size=100))
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        fourbit.load_model(tmp_path, device="cpu", quantize=dict(backend="tpu"))
+    with pytest.raises(NotImplementedError, match="'gptq'"):
+        fourbit.load_model(tmp_path, device="cpu", quantize=dict(method="gptq"))
+    with pytest.raises(TypeError, match="quantize must be"):
+        fourbit.load_model(tmp_path, device="cpu", quantize=0)

@@ -106,3 +106,69 @@ def test_torch_compile_fullgraph_with_the_triton_backend(device):
         eager = model(ids)
         compiled = torch.compile(model, fullgraph=True)(ids)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def _int4_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, fourbit.Int4Linear)}
+
+
+def test_quantize_config_keywords_and_dict_give_bit_identical_layers():
+    """The config form, the old keywords and a dict of the fields are one path: the same
+    layers replaced, bit for bit the same buffers, the same backend."""
+    base = TinyLM(bias=True)
+    options = dict(group_size=32, symmetric=True, skip="down_proj", backend="torch")
+    by_config = fourbit.quantize_(copy.deepcopy(base), fourbit.Int4WeightOnlyConfig(**options))
+    by_keywords = fourbit.quantize_(copy.deepcopy(base), **options)
+    by_dict = fourbit.quantize_(copy.deepcopy(base), options)
+    layers = _int4_layers(by_config)
+    assert len(layers) == 2 * 6 + 1 and "lm_head" in layers and "layers.0.down_proj" not in layers
+    assert {(m.group_size, m.symmetric, m.backend) for m in layers.values()} == {(32, True, "torch")}
+    for other in (by_keywords, by_dict):
+        assert _int4_layers(other).keys() == layers.keys()
+        ours, theirs = by_config.state_dict(), other.state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert {m.backend for m in _int4_layers(other).values()} == {"torch"}
+
+
+def test_quantize_default_config_matches_the_old_defaults():
+    a, b = TinyLM(), TinyLM()
+    b.load_state_dict(a.state_dict())
+    fourbit.quantize_(a)
+    fourbit.quantize_(b, fourbit.Int4WeightOnlyConfig(group_size=128, symmetric=False, skip=("lm_head",)))
+    assert _int4_layers(a).keys() == _int4_layers(b).keys() and "lm_head" not in _int4_layers(a)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_quantize_honors_the_filter_together_with_skip():
+    seen = []
+
+    def only_mlp(name, module):
+        seen.append(name)
+        return name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj") or name == "lm_head"
+
+    model = fourbit.quantize_(TinyLM(), fourbit.Int4WeightOnlyConfig(skip="down_proj", filter=only_mlp))
+    # skip="down_proj" replaces the default ("lm_head",), and the filter accepts lm_head.
+    mlp = {f"layers.{i}.{p}" for i in range(2) for p in ("gate_proj", "up_proj")}
+    assert set(_int4_layers(model)) == mlp | {"lm_head"}
+    assert "layers.0.q_proj" in seen and "layers.0.down_proj" not in seen  # skip is decided first
+    assert fourbit.nn.linear_targets(TinyLM(), fourbit.Int4WeightOnlyConfig(filter=only_mlp)) == \
+        [f"layers.{i}.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+def test_quantize_errors_name_the_problem():
+    model = TinyLM(layers=1)
+    with pytest.raises(TypeError, match=r"not both.*\['group_size'\]"):
+        fourbit.quantize_(model, fourbit.Int4WeightOnlyConfig(), group_size=32)
+    with pytest.raises(TypeError, match="'group_sise'.*did you mean 'group_size'"):
+        fourbit.quantize_(model, group_sise=32)
+    with pytest.raises(TypeError, match="'group_sise'"):
+        fourbit.quantize_(model, {"group_sise": 32})
+    with pytest.raises(ValueError, match="got 100"):
+        fourbit.quantize_(model, group_size=100)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        fourbit.quantize_(model, backend="tpu")
+    with pytest.raises(NotImplementedError, match="'gptq'"):
+        fourbit.quantize_(model, method="gptq")
+    with pytest.raises(TypeError, match="Int4WeightOnlyConfig.*got 64"):
+        fourbit.quantize_(model, 64)  # the old positional group_size: now a keyword
+    assert not _int4_layers(model)  # nothing changed on the way to an error

@@ -1,5 +1,8 @@
+import dataclasses
+
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,3 +56,56 @@ def test_quantize_rejects_bad_weights():
         fourbit.quantize_weight(torch.tensor([[1.0, float("nan")] * 16]))
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         fourbit.quantize_weight(torch.randn(64))
+
+
+# ---- Int4WeightOnlyConfig ----
+
+def test_config_defaults_and_normal_forms():
+    config = fourbit.Int4WeightOnlyConfig()
+    assert (config.group_size, config.symmetric, config.backend, config.skip, config.filter, config.method) == \
+        (128, False, "auto", ("lm_head",), None, "rtn")
+    assert fourbit.Int4WeightOnlyConfig(skip="down_proj").skip == ("down_proj",)
+    assert fourbit.Int4WeightOnlyConfig(skip=None).skip == ()
+    assert fourbit.Int4WeightOnlyConfig.from_dict({"group_size": 64, "skip": ["a", "b"]}) == \
+        fourbit.Int4WeightOnlyConfig(group_size=64, skip=("a", "b"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.group_size = 64
+
+
+@pytest.mark.parametrize("options, error, named", [
+    (dict(group_size=100), ValueError, "got 100"),
+    (dict(group_size=True), ValueError, "got True"),
+    (dict(symmetric="yes"), TypeError, "symmetric.*'yes'"),
+    (dict(backend="tpu"), ValueError, "unknown backend 'tpu'"),
+    (dict(skip=["lm_head", 3]), TypeError, r"skip.*\['lm_head', 3\]"),
+    (dict(filter="lm_head"), TypeError, "filter.*'lm_head'"),
+    (dict(method="gptq"), NotImplementedError, "'gptq' is not implemented yet"),
+    (dict(method="awq"), NotImplementedError, "'awq' is not implemented yet"),
+    (dict(method="hqq"), ValueError, "unknown method 'hqq'"),
+], ids=["group_size", "group_size-bool", "symmetric", "backend", "skip", "filter", "gptq", "awq", "method"])
+def test_config_rejects_impossible_values_naming_them(options, error, named):
+    with pytest.raises(error, match=named):
+        fourbit.Int4WeightOnlyConfig(**options)
+    with pytest.raises(error, match=named):
+        fourbit.Int4WeightOnlyConfig.from_dict(options)
+
+
+def test_config_from_dict_names_unknown_keys_and_suggests_the_field():
+    with pytest.raises(TypeError, match=r"\['group_sise'\].*did you mean 'group_size'"):
+        fourbit.Int4WeightOnlyConfig.from_dict({"group_sise": 32})
+    with pytest.raises(TypeError, match=r"\['bits', 'skp'\].*'skp': did you mean 'skip'"):
+        fourbit.Int4WeightOnlyConfig.from_dict({"bits": 4, "skp": (), "group_size": 32})
+
+
+def test_config_decides_which_layers_are_quantized():
+    linear = nn.Linear(64, 32)
+    config = fourbit.Int4WeightOnlyConfig(skip=("lm_head", "layers.0.*"),
+                                          filter=lambda name, module: module.out_features == 32)
+    assert config.quantizes("layers.1.q_proj", linear)
+    assert not config.quantizes("lm_head", linear)  # the whole name matches a pattern
+    assert not config.quantizes("model.lm_head", linear)  # its last component does
+    assert not config.quantizes("layers.0.q_proj", linear)
+    assert not config.quantizes("layers.1.down_proj", nn.Linear(64, 16))  # the filter says no
+    assert not config.quantizes("layers.1.norm", nn.LayerNorm(64))
+    # Subclasses of nn.Linear are left alone (MultiheadAttention reads out_proj.weight itself).
+    assert not config.quantizes("attn.out_proj", nn.modules.linear.NonDynamicallyQuantizableLinear(64, 64))

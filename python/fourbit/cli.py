@@ -4,7 +4,8 @@
                                          answer, decode speed and perplexity
     fourbit generate --model M --prompt P
     fourbit eval --model M [--text FILE] perplexity over 512-token windows
-    fourbit quantize SRC OUT             write a quantized model directory load_model reads
+    fourbit quantize SRC OUT [--group-size G] [--symmetric] [--skip PATTERN ...]
+                                         write a quantized model directory load_model reads
     fourbit bench                        the benchmark suites for this device (bench/)
 """
 
@@ -22,6 +23,8 @@ from .evaluate import decode_tokens_per_second, default_text, perplexity
 from .generate import generate
 from .models import load_model, load_tokenizer, save_model
 from .nn import Int4Linear
+from .ops import BACKENDS
+from .quantize import Int4WeightOnlyConfig
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
@@ -73,7 +76,7 @@ def demo(args) -> None:
 
 
 def generate_cmd(args) -> None:
-    model = load_model(args.model, device=args.device, quantize=_quantize_option(args))
+    model = _load(args)
     tokenizer = load_tokenizer(args.model)
     chat = args.chat and tokenizer.token_id("<|im_start|>") is not None
     prompt = _chat_ids(tokenizer, args.prompt) if chat else tokenizer.encode(args.prompt)
@@ -83,7 +86,7 @@ def generate_cmd(args) -> None:
 
 
 def eval_cmd(args) -> None:
-    model = load_model(args.model, device=args.device, quantize=_quantize_option(args))
+    model = _load(args)
     text = Path(args.text).read_text() if args.text else default_text()
     ids = load_tokenizer(args.model).encode(text)
     ppl = perplexity(model, ids, args.window, args.windows)
@@ -93,7 +96,7 @@ def eval_cmd(args) -> None:
 
 
 def quantize_cmd(args) -> None:
-    model = load_model(args.src, device="cpu", quantize=dict(group_size=args.group_size, symmetric=args.symmetric))
+    model = load_model(args.src, device="cpu", quantize=args.config)
     out = save_model(model, args.out, load_tokenizer(args.src))
     print(f"wrote {out}: load it with fourbit.load_model({str(out)!r})")
 
@@ -106,8 +109,29 @@ def bench_cmd(args) -> None:
     raise SystemExit(subprocess.call([sys.executable, str(runner), *args.args]))
 
 
-def _quantize_option(args):
-    return dict(group_size=args.group_size) if args.group_size else None
+def _load(args):
+    """The --model, quantized at load by args.config if given, its int4 layers on --backend."""
+    model = load_model(args.model, device=args.device, quantize=args.config)
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.backend = args.backend
+    return model
+
+
+def _config(args, parser) -> Int4WeightOnlyConfig | None:
+    """The Int4WeightOnlyConfig the quantization flags ask for (None: --group-size 0); an
+    impossible value or combination is an argparse error naming it."""
+    options = {"symmetric": True} if args.symmetric else {}
+    if args.skip is not None:
+        options["skip"] = tuple(args.skip)
+    if not args.group_size:
+        if options:
+            parser.error(f"argument {'/'.join('--' + k for k in options)}: quantizes at load; give --group-size too")
+        return None
+    try:
+        return Int4WeightOnlyConfig(group_size=args.group_size, **options)
+    except (TypeError, ValueError) as error:
+        parser.error(f"argument --group-size: {error}")
 
 
 def main(argv=None) -> None:
@@ -121,10 +145,17 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=8, help="512-token windows for perplexity")
     p.set_defaults(func=demo)
 
+    def quantize_args(p, group_size: int, help: str):
+        p.add_argument("--group-size", type=int, default=group_size, help=help)
+        p.add_argument("--symmetric", action="store_true", help="offsets fixed at -8 * scale")
+        p.add_argument("--skip", action="append", metavar="PATTERN", default=None,
+                       help="keep layers matching this fnmatch pattern float (repeatable; default lm_head)")
+
     def model_args(p):
         p.add_argument("--model", default=DEMO_MODEL, help="a .gguf file, a model directory or smollm2-135m")
         p.add_argument("--device", default=None)
-        p.add_argument("--group-size", type=int, default=0, help="quantize float layers at load (0: no)")
+        p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS, help="int4 backend")
+        quantize_args(p, 0, "quantize float layers at load with this group size (0: no)")
 
     p = sub.add_parser("generate", help="continue a prompt")
     model_args(p)
@@ -147,8 +178,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("quantize", help="write a quantized model directory")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--symmetric", action="store_true")
+    quantize_args(p, 128, "group size: 32, 64, 128, 256 or -1 (one group per row)")
     p.set_defaults(func=quantize_cmd)
 
     p = sub.add_parser("bench", help="run the benchmark suites for this device (bench/run.py)")
@@ -156,6 +186,8 @@ def main(argv=None) -> None:
     p.set_defaults(func=bench_cmd)
 
     args = parser.parse_args(argv)
+    if hasattr(args, "group_size"):
+        args.config = _config(args, parser)
     with torch.inference_mode():
         args.func(args)
 

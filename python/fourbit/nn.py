@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatch
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .format import COMPUTE_DTYPES, Int4Weight, check_group_size, group_len, padded_k
 from .ops import BACKENDS, check_activation, linear
-from .quantize import quantize_weight
+from .quantize import Int4WeightOnlyConfig, as_config, quantize_weight
 
 
 class Int4Linear(nn.Module):
@@ -89,20 +87,11 @@ class Int4Linear(nn.Module):
                 f"symmetric={self.symmetric}, dtype={self.scales.dtype}, backend={self.backend!r}")
 
 
-def _skipped(name: str, skip) -> bool:
-    """A qualified name matches a skip pattern (fnmatch) in full or by its last component."""
-    patterns = (skip,) if isinstance(skip, str) else tuple(skip or ())
-    return any(fnmatch(name, p) or fnmatch(name.rsplit(".", 1)[-1], p) for p in patterns)
-
-
-def linear_targets(model: nn.Module, skip=("lm_head",)) -> list[str]:
-    """Qualified names of the nn.Linear layers quantize_ would replace.
-
-    Only exact nn.Linear instances count: subclasses (such as the out_proj of
-    nn.MultiheadAttention, whose weight the parent reads directly) are left alone.
-    """
-    return [name for name, mod in model.named_modules()
-            if type(mod) is nn.Linear and not _skipped(name, skip)]
+def linear_targets(model: nn.Module, config: Int4WeightOnlyConfig | None = None) -> list[str]:
+    """Qualified names of the layers quantize_(model, config) would replace (those for which
+    config.quantizes(name, module); default config: every exact nn.Linear but lm_head)."""
+    config = config or Int4WeightOnlyConfig()
+    return [name for name, mod in model.named_modules() if config.quantizes(name, mod)]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -110,27 +99,32 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def quantize_(model: nn.Module, group_size: int = 128, symmetric: bool = False, skip=("lm_head",),
-              backend: str = "auto") -> nn.Module:
-    """Replace, in place, every nn.Linear of model whose qualified name does not match skip.
+def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, **options) -> nn.Module:
+    """Replace, in place, the nn.Linear layers of model that config quantizes with Int4Linear.
 
     Args:
         model: any nn.Module; its linear layers are quantized on the device they are on.
-        group_size: 32, 64, 128, 256 or -1 (one group per output row).
-        symmetric: offsets fixed at -8 * scale.
-        skip: fnmatch patterns, matched against each qualified name and its last component.
-        backend: the backend the new Int4Linear layers use ("auto" by default).
+        config: an Int4WeightOnlyConfig (or a dict of its fields); default Int4WeightOnlyConfig().
+        **options: instead of config, its fields as keywords: group_size (int, default 128),
+            symmetric (bool), skip (fnmatch patterns, default ("lm_head",)), backend (str,
+            default "auto"), filter (callable (name, module) -> bool), method (str, "rtn").
     Returns:
         model, with Int4Linear layers in place of the replaced ones.
+    Raises:
+        TypeError: both a config and keywords, or an unknown keyword (named).
+        ValueError: an impossible value (named), as Int4WeightOnlyConfig raises it.
     """
-    check_group_size(group_size)
+    if config is not None and options:
+        raise TypeError(f"quantize_ takes a config or keywords, not both (got a config and {sorted(options)})")
+    config = Int4WeightOnlyConfig.from_dict(options) if config is None else as_config(config)
     if model is None or isinstance(model, (nn.Linear, Int4Linear)):
         raise TypeError("quantize_ takes a model containing linear layers; use Int4Linear.from_linear "
                         "for a single nn.Linear")
-    targets = linear_targets(model, skip)
+    targets = linear_targets(model, config)
     for name in tqdm(targets, desc="quantize_", unit="layer", disable=True if len(targets) < 16 else None):
         layer = model.get_submodule(name)
-        _set_submodule(model, name, Int4Linear.from_linear(layer, group_size, symmetric, backend))
+        _set_submodule(model, name, Int4Linear.from_linear(layer, group_size=config.group_size,
+                                                           symmetric=config.symmetric, backend=config.backend))
     return model
 
 

@@ -1,8 +1,15 @@
-"""How float weights become Int4Weight: round to nearest with per-group min/max."""
+"""How float weights become Int4Weight: round to nearest with per-group min/max; and
+Int4WeightOnlyConfig, which says how, and which linear layers of a model are quantized."""
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+
 import torch
+from torch import nn
 
 from .format import COMPUTE_DTYPES, Int4Weight, check_group_size, pack_int4, padded_k
 
@@ -91,3 +98,84 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
     q = q.clamp_(0, 15).to(torch.uint8).reshape(n, k_pad)
     q[:, k:] = 0  # padded columns are never read; keep them zero so files are canonical
     return Int4Weight(pack_int4(q), scales, offsets, group_size, (n, k), symmetric)
+
+
+METHODS = ("rtn",)
+PLANNED_METHODS = ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class Int4WeightOnlyConfig:
+    """How to quantize a model's linear layers to int4 (W4A16), for quantize_, load_model and
+    the `fourbit` command. Every field is checked when the config is made.
+
+    Attributes:
+        group_size: int, 32, 64, 128, 256 or -1 (one group per output row).
+        symmetric: bool; offsets fixed at -8 * scale.
+        backend: str, "auto" or a backend of fourbit.ops.BACKENDS, set on the Int4Linear layers made.
+        skip: tuple[str, ...] of fnmatch patterns (a str is one pattern, None none): a layer
+            whose qualified name, or its last component, matches one stays float.
+        filter: None, or a callable (name: str, module: nn.Linear) -> bool; a layer is
+            quantized only where it returns True (and no skip pattern matches).
+        method: str, how weights are rounded: "rtn" (round to nearest). "gptq" and "awq"
+            are planned and raise NotImplementedError for now.
+    """
+
+    group_size: int = 128
+    symmetric: bool = False
+    backend: str = "auto"
+    skip: tuple[str, ...] = ("lm_head",)
+    filter: Callable[[str, nn.Module], bool] | None = None
+    method: str = "rtn"
+
+    def __post_init__(self):
+        check_group_size(self.group_size)
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be True or False, got {self.symmetric!r}")
+        from .ops import BACKENDS  # here, not at the top: quantize.py sits below ops
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {('auto',) + BACKENDS}")
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip or ())
+        if not all(isinstance(p, str) for p in skip):
+            raise TypeError(f"skip must be fnmatch patterns (str), got {self.skip!r}")
+        object.__setattr__(self, "skip", skip)
+        if self.filter is not None and not callable(self.filter):
+            raise TypeError(f"filter must be None or a callable (name, module) -> bool, got {self.filter!r}")
+        if self.method in PLANNED_METHODS:
+            raise NotImplementedError(f"method {self.method!r} is not implemented yet; "
+                                      f"choose one of {METHODS}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping) -> "Int4WeightOnlyConfig":
+        """The config a mapping of field names to values describes (missing fields keep their
+        defaults); an unknown key raises TypeError naming it and the closest field."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            hints = "".join(f" ({k!r}: did you mean {close[0]!r}?)" for k in unknown
+                            if (close := difflib.get_close_matches(str(k), names, n=1)))
+            raise TypeError(f"unknown Int4WeightOnlyConfig option(s) {unknown}{hints}; "
+                            f"the options are {names}")
+        return cls(**options)
+
+    def quantizes(self, name: str, module: nn.Module) -> bool:
+        """Whether the layer at qualified name `name` is one this config quantizes: an exact
+        nn.Linear (subclasses such as nn.MultiheadAttention's out_proj, whose weight the parent
+        reads directly, are left alone), matched by no skip pattern, and accepted by filter."""
+        if type(module) is not nn.Linear:
+            return False
+        last = name.rsplit(".", 1)[-1]
+        if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in self.skip):
+            return False
+        return self.filter is None or bool(self.filter(name, module))
+
+
+def as_config(config) -> Int4WeightOnlyConfig:
+    """config if it is an Int4WeightOnlyConfig; the config a dict of its fields describes."""
+    if isinstance(config, Int4WeightOnlyConfig):
+        return config
+    if isinstance(config, Mapping):
+        return Int4WeightOnlyConfig.from_dict(config)
+    raise TypeError(f"expected an Int4WeightOnlyConfig or a dict of its fields, got {config!r}")

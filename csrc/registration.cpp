@@ -1,8 +1,9 @@
 // The one TORCH_LIBRARY(fourbit) block: every schema of the library lives here.
 //
 // Implementations of the schemas are registered from python/fourbit/ops.py (one Python
-// implementation per op that routes to a backend: the reference, a C++ kernel bound
-// below, a Triton kernel), together with one fake per op for torch.compile.
+// implementation per op that routes to a backend in python/fourbit/backends/: the
+// reference, a C++ kernel bound below, a Triton kernel), together with one fake per op for
+// torch.compile.
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -30,13 +31,14 @@ TORCH_LIBRARY(fourbit, m) {
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
       "float scale, str backend) -> Tensor");
   // Prefill: q [total_q, Hq, D], the new tokens of sequence b at
-  // query_start_loc[b] .. query_start_loc[b + 1] - 1, causal over the cached tokens.
+  // query_start_loc[b] .. query_start_loc[b + 1] - 1, causal over the cached tokens;
+  // max_query_len, the most new tokens of any sequence, known on the host (it sizes grids).
   m.def(
       "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor seq_lens, Tensor query_start_loc, float scale, str backend) -> Tensor");
+      "Tensor seq_lens, Tensor query_start_loc, int max_query_len, float scale, str backend) -> Tensor");
 }
 
-// Kernel entry points, called by the op implementations in python/fourbit/ops.py.
+// Kernel entry points, called by the launchers in python/fourbit/backends/.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm_cpu", &fourbit::int4_mm_cpu, "int4 weight-only matmul, C++ CPU kernel",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"),

@@ -3,7 +3,7 @@
 Layout (python/fourbit/format.py): qweight int32 [N, K_padded/8], nibble i of word j is
 column 8j+i; scales/offsets [N, K_padded/GROUP_LEN]; w = q * s + m.
 
-Three kernels, picked by M in python/fourbit/triton_backend.py (GEMV_MAX_M, DENSE_MIN_M):
+Three kernels, picked by M in python/fourbit/dispatch.py (GEMV_MAX_M, DENSE_MIN_M):
 - int4_gemv_kernel: decode (M of 1 to a few). Each program streams a [BLOCK_N, BLOCK_K]
   tile of packed words once with contiguous loads along K and reduces with FMAs on CUDA
   cores; K is split over SPLIT_K programs so a 4096x4096 layer fills every SM, and the
@@ -15,16 +15,12 @@ Three kernels, picked by M in python/fourbit/triton_backend.py (GEMV_MAX_M, DENS
   once per call into a dense [N, K] buffer and handed to torch.matmul.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-# Under TRITON_INTERPRET=1 (CPU, CI) each launch runs in Python: one small config, no tuning.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# FOURBIT_TRITON_TUNE=quick tunes over a few configs that still cover split-K and tile
-# shapes (the test suite sets it: every config compiles once per key it meets).
-_QUICK = os.environ.get("FOURBIT_TRITON_TUNE") == "quick"
+# The kernels are plain @triton.jit functions; the launcher (python/fourbit/backends/
+# triton_int4.py) wraps them in triton.autotune over these config lists, or a subset of
+# them, by its own tuning policy. Nothing here reads the environment.
 
 
 def _device_properties() -> dict:
@@ -41,12 +37,12 @@ def _sm_count() -> int:
     return _device_properties()["multiprocessor_count"]
 
 
+# Triton's interpreter (CPU) runs each program in Python: one small tile, no tuning.
+GEMV_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2})
+GEMM_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "GROUP_M": 4})
+
+
 def gemv_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2})]
-    if _QUICK:
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4),
-                triton.Config({"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=2)]
     # Tiles of 2K to 8K weights (16 to 64 registers of q per thread at 4 warps).
     tiles = [(16, 256), (16, 512), (32, 128), (32, 256), (64, 128)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=2)
@@ -64,11 +60,6 @@ def prune_gemv(configs, named_args, **kwargs):
 
 
 def gemm_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "GROUP_M": 4})]
-    if _QUICK:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "GROUP_M": 8}, num_warps=4),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8}, num_warps=4)]
     shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (32, 128, 128, 4, 3),
               (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
               (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
@@ -106,8 +97,6 @@ def prune_gemm(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: gemm_shared_bytes(c, x_bytes))]
 
 
-@triton.autotune(configs=gemv_configs(), key=["M", "N", "K", "GROUP_LEN"], prune_configs_by={"early_config_prune": prune_gemv},
-                 reset_to_zero=["out_ptr"], cache_results=True)
 @triton.jit
 def int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,
@@ -159,9 +148,6 @@ def int4_gemv_kernel(
         tl.atomic_add(out_ptrs, acc, mask=n_mask, sem="relaxed")
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "GROUP_LEN"],
-                 prune_configs_by={"early_config_prune": prune_gemm}, reset_to_zero=["out_ptr"],
-                 cache_results=True)
 @triton.jit
 def int4_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,

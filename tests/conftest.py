@@ -58,3 +58,34 @@ def smollm_hf(smollm_path):
                                                               dtype=torch.float32)
     model.generation_config.eos_token_id = None  # stop only where the test says
     return model.eval()
+
+
+# ---- the (device, backend) pairs that exist, for parametrizing kernel tests ----
+# A backend runs on these device types at all (whether it is built here is checked by need()):
+# Triton on the CPU through its interpreter, the C++ kernels on the CPU, the CUDA ones on CUDA.
+DEVICE_BACKENDS = {"cpu": ("torch", "cpu", "triton"), "cuda": ("torch", "triton", "cuda")}
+
+
+def backend_cases(op: str = "int4_mm", interpreter: bool = True) -> list:
+    """pytest params (device, backend), id "device-backend", for every pair that implements op
+    on a device type that exists; CUDA pairs marked `cuda`. interpreter=False leaves out
+    Triton on the CPU (its interpreter is too slow for big shapes; test_triton.py covers it)."""
+    from fourbit.backends import KERNELS
+    cases = []
+    for device, backends in DEVICE_BACKENDS.items():
+        for backend in backends:
+            if backend != "torch" and backend not in KERNELS[op]:
+                continue
+            if device == "cpu" and backend == "triton" and not interpreter:
+                continue
+            marks = [pytest.mark.cuda] if device == "cuda" else []
+            cases.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return cases
+
+
+def need(device: str, backend: str, op: str = "int4_mm") -> None:
+    """Skip unless backend runs op on device in this installation (built, importable)."""
+    from fourbit.backends import unavailable
+    reason = unavailable(backend, torch.device(device), op)
+    if reason:
+        pytest.skip(f"backend {backend!r} cannot run {op} on {device} here: {reason}")

@@ -1,5 +1,6 @@
 """write_kv, paged_attention and paged_prefill_attention against a dense attention computed
-here (fp64 math on K/V gathered token by token), for every backend that runs on the device.
+here (fp64 math on K/V gathered token by token), for every (device, backend) pair that
+implements the op.
 
 One parametrize per axis (GQA ratio, head_dim, block_size, dtype); the other axes keep
 small defaults so the Triton interpreter finishes quickly on the CPU."""
@@ -11,16 +12,14 @@ import torch
 
 import fourbit
 from fourbit import ops
-from conftest import DEVICES
+from fourbit.kv_cache import PagedBatch
+from conftest import backend_cases, need
 from helpers import DTYPES, relative_error
 
-BACKENDS = ["torch", "triton", "cuda"]
 OP_OF = {"decode": "paged_attention", "prefill": "paged_prefill_attention"}
-
-
-def need(backend, device, op="paged_attention"):
-    if backend not in ops.available_backends(device, op):
-        pytest.skip(f"backend {backend!r} does not run {op} on {device} here")
+# (kind, device, backend) for every pair that implements decode, then prefill (no CUDA prefill kernel).
+KIND_CASES = [pytest.param(kind, *case.values, marks=case.marks, id=f"{kind}-{case.id}")
+              for kind in OP_OF for case in backend_cases(OP_OF[kind])]
 
 
 class PagedSetup:
@@ -46,6 +45,16 @@ class PagedSetup:
             self.values.append(torch.stack([self.v_cache[mine[t // block_size], t % block_size] for t in range(n)]))
         self.block_tables = self.block_tables.to(device)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+
+    def batch(self, query_start_loc=None, slot_mapping=None) -> PagedBatch:
+        """A checked PagedBatch over these sequences (decode unless query_start_loc is given);
+        by default its new tokens write nowhere (slot -1): the cache already holds them."""
+        tokens = len(self.seq_lens) if query_start_loc is None else int(query_start_loc[-1])
+        if slot_mapping is None:
+            slot_mapping = torch.full((tokens,), -1, dtype=torch.int64, device=self.device)
+        return PagedBatch.from_tensors(slot_mapping=slot_mapping, block_tables=self.block_tables,
+                                       seq_lens=self.seq_lens, query_start_loc=query_start_loc,
+                                       num_blocks=self.k_cache.shape[0], block_size=self.block_size)
 
 
 def dense_attention(q, k, v, scale, first_pos, dtype=torch.float64):
@@ -73,8 +82,7 @@ def run_decode(backend, device, seq_lens=(1, 37, 70), heads=4, kv_heads=2, head_
                dtype=torch.float16, scale=None):
     setup = PagedSetup(list(seq_lens), kv_heads, head_dim, block_size, dtype, device)
     q = torch.randn(len(seq_lens), heads, head_dim).to(dtype).to(device)
-    out = fourbit.paged_attention(q, setup.k_cache, setup.v_cache, setup.block_tables, setup.seq_lens, scale,
-                                  backend=backend)
+    out = fourbit.paged_attention(q, setup.k_cache, setup.v_cache, setup.batch(), scale, backend=backend)
     spans = [(b, b + 1) for b in range(len(seq_lens))]
     assert_attention_accuracy(out, q, setup, [n - 1 for n in seq_lens], spans, scale or head_dim ** -0.5)
 
@@ -88,9 +96,8 @@ def run_prefill(backend, device, seq_lens=(5, 40, 23), new=(5, 17, 1), heads=4, 
     for n in new:
         starts.append(starts[-1] + n)
     q = torch.randn(starts[-1], heads, head_dim).to(dtype).to(device)
-    out = fourbit.paged_prefill_attention(q, setup.k_cache, setup.v_cache, setup.block_tables, setup.seq_lens,
-                                          torch.tensor(starts, dtype=torch.int32, device=device), scale,
-                                          backend=backend)
+    batch = setup.batch(torch.tensor(starts, dtype=torch.int32, device=device))
+    out = fourbit.paged_prefill_attention(q, setup.k_cache, setup.v_cache, batch, scale, backend=backend)
     spans = list(zip(starts[:-1], starts[1:]))
     assert_attention_accuracy(out, q, setup, [s - n for s, n in zip(seq_lens, new)], spans,
                               scale or head_dim ** -0.5)
@@ -99,80 +106,69 @@ def run_prefill(backend, device, seq_lens=(5, 40, 23), new=(5, 17, 1), heads=4, 
 RUN = {"decode": run_decode, "prefill": run_prefill}
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("kind,device,backend", KIND_CASES)
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16], ids=lambda g: f"gqa{g}")
 def test_gqa_ratios(group, kind, backend, device):
-    need(backend, device, OP_OF[kind])
+    need(device, backend, OP_OF[kind])
     RUN[kind](backend, device, heads=2 * group, kv_heads=2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("kind,device,backend", KIND_CASES)
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_head_dims(head_dim, kind, backend, device):
-    need(backend, device, OP_OF[kind])
+    need(device, backend, OP_OF[kind])
     RUN[kind](backend, device, head_dim=head_dim)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("kind,device,backend", KIND_CASES)
 @pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128])
 def test_block_sizes(block_size, kind, backend, device):
-    need(backend, device, OP_OF[kind])
+    need(device, backend, OP_OF[kind])
     RUN[kind](backend, device, block_size=block_size)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("kind,device,backend", KIND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_dtypes_and_scale(dtype, kind, backend, device):
-    need(backend, device, OP_OF[kind])
+    need(device, backend, OP_OF[kind])
     RUN[kind](backend, device, dtype=dtype, scale=0.3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_decode_partitions_merge_exactly(device):
+@pytest.mark.parametrize("device,backend", [c for c in backend_cases("paged_attention") if c.values[1] == "triton"])
+def test_decode_partitions_merge_exactly(device, backend):
     """Flash-decoding's split and log-sum-exp merge, forced to several partition sizes,
     including partitions that lie wholly past a sequence's end."""
-    need("triton", device)
-    from fourbit import triton_attention
+    need(device, backend)
+    from fourbit.backends import triton_attention
     setup = PagedSetup([3, 90, 200], 2, 64, 16, torch.float32, device)
     q = torch.randn(3, 4, 64, device=device)
-    ref = fourbit.paged_attention(q, setup.k_cache, setup.v_cache, setup.block_tables, setup.seq_lens,
-                                  backend="torch")
+    ref = fourbit.paged_attention(q, setup.k_cache, setup.v_cache, setup.batch(), backend="torch")
     for partition in (16, 48, 256):
         out = triton_attention.paged_attention(q, setup.k_cache, setup.v_cache, setup.block_tables,
                                                setup.seq_lens, 64 ** -0.5, partition=partition)
         torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", [c for c in backend_cases("paged_attention") if c.values[0] == "cuda"])
 @pytest.mark.parametrize("context", [4096, 32768, 131072])
-def test_long_context_decode_on_cuda(context, backend):
-    need(backend, "cuda")
-    run_decode(backend, "cuda", seq_lens=(context, 17), heads=32, kv_heads=8, head_dim=128)
+def test_long_context_decode_on_cuda(context, device, backend):
+    need(device, backend, "paged_attention")
+    run_decode(backend, device, seq_lens=(context, 17), heads=32, kv_heads=8, head_dim=128)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_long_prefill_on_cuda(backend):
-    need(backend, "cuda", "paged_prefill_attention")
-    run_prefill(backend, "cuda", seq_lens=(3000, 5000), new=(3000, 1000), heads=32, kv_heads=8, head_dim=128)
+@pytest.mark.parametrize("device,backend",
+                         [c for c in backend_cases("paged_prefill_attention") if c.values[0] == "cuda"])
+def test_long_prefill_on_cuda(device, backend):
+    need(device, backend, "paged_prefill_attention")
+    run_prefill(backend, device, seq_lens=(3000, 5000), new=(3000, 1000), heads=32, kv_heads=8, head_dim=128)
 
 
 # ---- write_kv ----
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", backend_cases("write_kv"))
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_write_kv_is_bit_exact_and_skips_minus_one(dtype, backend, device):
-    need(backend, device, "write_kv")
+def test_write_kv_is_bit_exact_and_skips_minus_one(dtype, device, backend):
+    need(device, backend, "write_kv")
     num_blocks, block_size, kv_heads, head_dim = 6, 16, 3, 80
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype).to(device)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype).to(device)
@@ -181,7 +177,11 @@ def test_write_kv_is_bit_exact_and_skips_minus_one(dtype, backend, device):
     slots[[3, 11]] = -1
     k = torch.randn(20, kv_heads, head_dim).to(dtype).to(device)
     v = torch.randn(20, kv_heads, head_dim).to(dtype).to(device)
-    fourbit.write_kv(k, v, k_cache, v_cache, slots.to(device), backend=backend)
+    batch = PagedBatch.from_tensors(slot_mapping=slots.to(device), block_tables=torch.zeros(1, 2, dtype=torch.int32,
+                                    device=device), seq_lens=torch.tensor([20], dtype=torch.int32, device=device),
+                                    query_start_loc=torch.tensor([0, 20], dtype=torch.int32, device=device),
+                                    num_blocks=num_blocks, block_size=block_size)
+    fourbit.write_kv(k, v, k_cache, v_cache, batch, backend=backend)
     expect_k, expect_v = before_k.clone(), before_v.clone()
     for t, slot in enumerate(slots.tolist()):
         if slot >= 0:
@@ -192,140 +192,171 @@ def test_write_kv_is_bit_exact_and_skips_minus_one(dtype, backend, device):
 
 # ---- errors and op registration ----
 
-def test_errors_name_the_problem():
+def test_batch_errors_name_the_problem():
+    """PagedBatch.from_tensors checks every index value once, when the step is planned."""
     s = PagedSetup([5, 9], 2, 64, 16, torch.float16)
+    geometry = dict(num_blocks=s.k_cache.shape[0], block_size=16)
+    slots = torch.full((2,), -1)
+
+    def build(block_tables=s.block_tables, seq_lens=s.seq_lens, query_start_loc=None, slot_mapping=slots, **kw):
+        return PagedBatch.from_tensors(slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
+                                       query_start_loc=query_start_loc, **{**geometry, **kw})
+
+    with pytest.raises(TypeError, match="block_tables must be a torch.int32"):
+        build(block_tables=s.block_tables.long())
+    with pytest.raises(ValueError, match="seq_lens must have shape"):
+        build(seq_lens=s.seq_lens[:1])
+    with pytest.raises(ValueError, match="seq_lens must lie in"):
+        build(seq_lens=torch.tensor([5, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seq_lens must lie in"):
+        build(seq_lens=torch.tensor([5, 10**6], dtype=torch.int32))
+    bad_table = s.block_tables.clone()
+    bad_table[1, 0] = 99
+    with pytest.raises(ValueError, match="outside"):
+        build(block_tables=bad_table)
+    with pytest.raises(ValueError, match="power of two"):
+        build(block_size=12)
+    with pytest.raises(ValueError, match="query_start_loc must rise"):
+        build(query_start_loc=torch.tensor([0, 4, 3], dtype=torch.int32), slot_mapping=torch.full((6,), -1))
+    with pytest.raises(ValueError, match="more new tokens"):
+        build(query_start_loc=torch.tensor([0, 7, 14], dtype=torch.int32), slot_mapping=torch.full((14,), -1))
+    with pytest.raises(ValueError, match="slot_mapping values"):
+        build(slot_mapping=torch.tensor([0, 10**4]))
+    with pytest.raises(TypeError, match="slot_mapping must be a torch.int64"):
+        build(slot_mapping=torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="block_tables must have at least one column"):
+        build(block_tables=s.block_tables[:, :0])
+
+
+def test_op_errors_name_the_problem():
+    """The ops check per call what the host knows: dtypes, shapes, devices, and that the
+    batch was planned for this cache."""
+    s = PagedSetup([5, 9], 2, 64, 16, torch.float16)
+    batch = s.batch()
     q = torch.randn(2, 4, 64).half()
-    args = (s.k_cache, s.v_cache, s.block_tables, s.seq_lens)
+    args = (s.k_cache, s.v_cache, batch)
     with pytest.raises(TypeError, match="cache's dtype"):
         fourbit.paged_attention(q.float(), *args)
     with pytest.raises(ValueError, match="multiple of the 2 kv heads"):
         fourbit.paged_attention(torch.randn(2, 3, 64).half(), *args)
     with pytest.raises(ValueError, match="head_dim = 64"):
         fourbit.paged_attention(torch.randn(2, 4, 32).half(), *args)
-    with pytest.raises(TypeError, match="block_tables must be a torch.int32"):
-        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables.long(), s.seq_lens)
-    with pytest.raises(ValueError, match="seq_lens must have shape"):
-        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens[:1])
-    with pytest.raises(ValueError, match="seq_lens must lie in"):
-        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, torch.tensor([5, 0], dtype=torch.int32))
-    with pytest.raises(ValueError, match="seq_lens must lie in"):
-        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, torch.tensor([5, 10**6], dtype=torch.int32))
-    bad_table = s.block_tables.clone()
-    bad_table[1, 0] = 99
-    with pytest.raises(ValueError, match="outside"):
-        fourbit.paged_attention(q, s.k_cache, s.v_cache, bad_table, s.seq_lens)
     with pytest.raises(ValueError, match="contiguous"):
-        fourbit.paged_attention(q, s.k_cache.transpose(0, 1), s.v_cache.transpose(0, 1), s.block_tables, s.seq_lens)
+        fourbit.paged_attention(q, s.k_cache.transpose(0, 1), s.v_cache.transpose(0, 1), batch)
     with pytest.raises(ValueError, match="power of two"):
-        fourbit.paged_attention(q, s.k_cache[:, :12].contiguous(), s.v_cache[:, :12].contiguous(),
-                                s.block_tables, s.seq_lens)
-    with pytest.raises(ValueError, match="query_start_loc must rise"):
-        fourbit.paged_prefill_attention(torch.randn(6, 4, 64).half(), *args, torch.tensor([0, 4, 3], dtype=torch.int32))
-    with pytest.raises(ValueError, match="more new tokens"):
-        fourbit.paged_prefill_attention(torch.randn(14, 4, 64).half(), *args, torch.tensor([0, 7, 14], dtype=torch.int32))
-    with pytest.raises(ValueError, match="slot_mapping values"):
-        fourbit.write_kv(torch.randn(2, 2, 64).half(), torch.randn(2, 2, 64).half(), s.k_cache, s.v_cache,
-                         torch.tensor([0, 10**4]))
-    with pytest.raises(TypeError, match="slot_mapping must be a torch.int64"):
-        fourbit.write_kv(torch.randn(2, 2, 64).half(), torch.randn(2, 2, 64).half(), s.k_cache, s.v_cache,
-                         torch.tensor([0, 1], dtype=torch.int32))
+        fourbit.paged_attention(q, s.k_cache[:, :12].contiguous(), s.v_cache[:, :12].contiguous(), batch)
+    with pytest.raises(ValueError, match="planned for"):
+        fourbit.paged_attention(q, s.k_cache[:-1].contiguous(), s.v_cache[:-1].contiguous(), batch)
+    with pytest.raises(TypeError, match="PagedBatch"):
+        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables)
+    with pytest.raises(ValueError, match="one new token per sequence"):
+        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.batch(torch.tensor([0, 2, 3], dtype=torch.int32)))
+    with pytest.raises(ValueError, match=r"q must be \[3, num_heads"):
+        fourbit.paged_prefill_attention(q, s.k_cache, s.v_cache, s.batch(torch.tensor([0, 2, 3], dtype=torch.int32)))
+    with pytest.raises(ValueError, match=r"k must be \[2, 2, head_dim"):
+        fourbit.write_kv(torch.randn(3, 2, 64).half(), torch.randn(3, 2, 64).half(), *args)
     with pytest.raises(RuntimeError, match="no 'cpu' kernel for paged_attention"):
         fourbit.paged_attention(q, *args, backend="cpu")
 
 
-def test_index_values_are_checked_again_after_an_in_place_change():
-    """Checks run once per tensor (a model reuses a step's tables in every layer), but a
-    tensor changed in place since its check is checked again."""
+def test_a_batch_is_checked_each_time_it_is_built():
+    """No memo: tables changed in place after a batch was built are caught when the next
+    step's batch is built from them (each step builds its own)."""
     s = PagedSetup([5, 9], 2, 64, 16, torch.float16)
     q = torch.randn(2, 4, 64).half()
-    slots = torch.tensor([0, 1])
-    kv = torch.randn(2, 2, 64).half()
-    fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens)
-    fourbit.write_kv(kv, kv, s.k_cache, s.v_cache, slots)
+    fourbit.paged_attention(q, s.k_cache, s.v_cache, s.batch())
     s.seq_lens[1] = 10**6
     with pytest.raises(ValueError, match="seq_lens must lie in"):
-        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens)
+        s.batch()
     s.seq_lens[1] = 9
     s.block_tables[1, 0] = 99
     with pytest.raises(ValueError, match="outside"):
-        fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens)
-    slots[1] = 10**4
+        s.batch()
+    s.block_tables[1, 0] = 0
     with pytest.raises(ValueError, match="slot_mapping values"):
-        fourbit.write_kv(kv, kv, s.k_cache, s.v_cache, slots)
+        s.batch(slot_mapping=torch.tensor([0, 10**4]))
 
 
 def test_empty_batch():
     s = PagedSetup([5], 2, 64, 16, torch.float16)
     q = torch.randn(0, 4, 64).half()
-    out = fourbit.paged_attention(q, s.k_cache, s.v_cache, s.block_tables[:0], s.seq_lens[:0])
-    assert out.shape == (0, 4, 64)
+    batch = PagedBatch.from_tensors(slot_mapping=torch.empty(0, dtype=torch.int64), block_tables=s.block_tables[:0],
+                                    seq_lens=s.seq_lens[:0], num_blocks=s.k_cache.shape[0], block_size=16)
+    assert batch.batch_size == 0 and batch.max_query_len == 0
+    assert fourbit.paged_attention(q, s.k_cache, s.v_cache, batch).shape == (0, 4, 64)
+    assert fourbit.paged_prefill_attention(q, s.k_cache, s.v_cache, batch).shape == (0, 4, 64)
 
 
 @pytest.mark.skipif(ops._C is None, reason="the ops are registered by fourbit._C")
-def test_opcheck():
-    s = PagedSetup([5, 20], 2, 64, 8, torch.float32)
-    q = torch.randn(2, 4, 64)
+@pytest.mark.parametrize("device,backend", backend_cases("paged_attention"))
+def test_opcheck(device, backend):
+    """The schemas, fakes and implementations agree (torch.library.opcheck), on every backend,
+    Triton through its interpreter on the CPU."""
+    need(device, backend, "paged_attention")
+    s = PagedSetup([5, 20], 2, 64, 8, torch.float32, device)
+    q = torch.randn(2, 4, 64, device=device)
     torch.library.opcheck(torch.ops.fourbit.paged_attention.default,
-                          (q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens, 0.125, "torch"))
-    qp = torch.randn(7, 4, 64)
-    torch.library.opcheck(torch.ops.fourbit.paged_prefill_attention.default,
-                          (qp, s.k_cache, s.v_cache, s.block_tables, s.seq_lens,
-                           torch.tensor([0, 2, 7], dtype=torch.int32), 0.125, "torch"))
-    torch.library.opcheck(torch.ops.fourbit.write_kv.default,
-                          (torch.randn(3, 2, 64), torch.randn(3, 2, 64), s.k_cache.clone(), s.v_cache.clone(),
-                           torch.tensor([0, -1, 9]), "torch"))
+                          (q, s.k_cache, s.v_cache, s.block_tables, s.seq_lens, 0.125, backend))
+    if backend in ops.available_backends(device, "paged_prefill_attention"):
+        qp = torch.randn(7, 4, 64, device=device)
+        torch.library.opcheck(torch.ops.fourbit.paged_prefill_attention.default,
+                              (qp, s.k_cache, s.v_cache, s.block_tables, s.seq_lens,
+                               torch.tensor([0, 2, 7], dtype=torch.int32, device=device), 5, 0.125, backend))
+    if backend in ops.available_backends(device, "write_kv"):
+        torch.library.opcheck(torch.ops.fourbit.write_kv.default,
+                              (torch.randn(3, 2, 64, device=device), torch.randn(3, 2, 64, device=device),
+                               s.k_cache.clone(), s.v_cache.clone(), torch.tensor([0, -1, 9], device=device), backend))
 
 
 # ---- the cache and the ops together ----
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_paged_kv_cache_serves_prefill_and_decode(backend, device):
+@pytest.mark.parametrize("device,backend", backend_cases("write_kv"))
+def test_paged_kv_cache_serves_prefill_and_decode(device, backend):
     """Sequences in a PagedKVCache (a shared prompt prefix, a fork with copy-on-write):
-    write_kv at the cache's slot_mapping, then prefill and decode through its block_tables
-    and seq_lens, against dense attention over each sequence's own K/V history."""
-    need(backend, device, "write_kv")
+    steps planned by the cache write K/V at its slot_mapping, then prefill and decode through
+    its block_tables and seq_lens, against dense attention over each sequence's own K/V history."""
+    need(device, backend, "write_kv")
     heads, kv_heads, head_dim, block = 4, 2, 64, 8
     cache = fourbit.PagedKVCache(1, 32, block, kv_heads, head_dim, torch.float32, device)
     history = {}  # seq id -> (K, V) of its tokens, built here
 
-    def feed(seq_id, tokens):
-        """Append tokens, write their K/V, and attend with their queries (prefill)."""
-        slots = cache.append(seq_id, tokens)
-        k, v, q = (torch.randn(len(tokens), n, head_dim, device=device) for n in (kv_heads, kv_heads, heads))
-        fourbit.write_kv(k, v, *cache.layer(0), slots, backend=backend)
-        old_k, old_v = history.get(seq_id, (k[:0], v[:0]))
-        history[seq_id] = (torch.cat([old_k, k]), torch.cat([old_v, v]))
-        return q
+    def feed(seq_ids, token_lists):
+        """Plan a step appending token_lists, write their K/V; the step and each sequence's queries."""
+        step = cache.plan(seq_ids, token_lists)
+        n = step.num_tokens
+        k, v, q = (torch.randn(n, h, head_dim, device=device) for h in (kv_heads, kv_heads, heads))
+        fourbit.write_kv(k, v, *cache.layer(0), step, backend=backend)
+        starts = step.query_start_loc.tolist()
+        for b, seq_id in enumerate(seq_ids):
+            old_k, old_v = history.get(seq_id, (k[:0], v[:0]))
+            lo, hi = starts[b], starts[b + 1]
+            history[seq_id] = (torch.cat([old_k, k[lo:hi]]), torch.cat([old_v, v[lo:hi]]))
+        return step, q
 
-    def check_prefill(seq_ids, queries, backend_used):
-        starts = torch.tensor([0] + [len(q) for q in queries], dtype=torch.int32).cumsum(0).to(torch.int32)
-        q = torch.cat(queries)
-        out = fourbit.paged_prefill_attention(q, *cache.layer(0), cache.block_tables(seq_ids), cache.seq_lens(seq_ids),
-                                              starts.to(device), backend=backend_used)
+    def check(step, q, seq_ids, backend_used):
+        attend = fourbit.paged_attention if step.decode else fourbit.paged_prefill_attention
+        out = attend(q, *cache.layer(0), step, backend=backend_used)
+        starts = step.query_start_loc.tolist()
         for b, seq_id in enumerate(seq_ids):
             k, v = history[seq_id]
-            ref = dense_attention(queries[b], k, v, head_dim ** -0.5, len(k) - len(queries[b]))
-            torch.testing.assert_close(out[starts[b]:starts[b + 1]].double(), ref, rtol=1e-4, atol=1e-5)
+            lo, hi = starts[b], starts[b + 1]
+            ref = dense_attention(q[lo:hi], k, v, head_dim ** -0.5, len(k) - (hi - lo))
+            torch.testing.assert_close(out[lo:hi].double(), ref, rtol=1e-4, atol=1e-5)
 
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
     assert cache.add_sequence("a", prompt) == 0
-    qa = feed("a", prompt)
+    step, q = feed(["a"], [prompt])
     assert cache.add_sequence("b", prompt[:17] + [99]) == 16  # two full blocks shared
     history["b"] = tuple(t[:16] for t in history["a"])
-    qb = feed("b", [prompt[16], 99])
     prefill = "auto" if backend == "cuda" else backend  # there is no CUDA prefill kernel
-    check_prefill(["a", "b"], [qa, qb], prefill)
+    check(step, q, ["a"], prefill)
+    step, q = feed(["b"], [[prompt[16], 99]])
+    check(step, q, ["b"], prefill)
     cache.fork("a", "c")  # shares a's partly filled last block: c's first append copies it
     history["c"] = history["a"]
-    steps = {seq_id: [feed(seq_id, [t]) for t in (40, 41, 42)][-1] for seq_id in ("a", "b", "c")}
+    for t in (40, 41, 42):
+        step, q = feed(["a", "b", "c"], [[t]] * 3)
+        assert step.decode
+        check(step, q, ["a", "b", "c"], backend)
     assert cache.blocks("a")[:2] == cache.blocks("b")[:2] == cache.blocks("c")[:2]
     assert cache.blocks("a")[-1] != cache.blocks("c")[-1]
-    seq_ids = ["a", "b", "c"]
-    q = torch.cat([steps[s] for s in seq_ids])
-    out = fourbit.paged_attention(q, *cache.layer(0), cache.block_tables(seq_ids), cache.seq_lens(seq_ids),
-                                  backend=backend)
-    for b, seq_id in enumerate(seq_ids):
-        k, v = history[seq_id]
-        ref = dense_attention(q[b:b + 1], k, v, head_dim ** -0.5, len(k) - 1)
-        torch.testing.assert_close(out[b:b + 1].double(), ref, rtol=1e-4, atol=1e-5)

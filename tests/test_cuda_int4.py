@@ -6,8 +6,9 @@ the PTX ISA, its output mapping) computes the right product from the prepacked w
 GPU (marked cuda): the kernel itself against the reference."""
 
 import math
+import re
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,23 @@ from fourbit.format import GROUP_SIZES, prepack_mma, unpack_int4, unpack_mma
 from helpers import assert_matmul_accuracy, random_int4_weight
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-MAGIC = {torch.float16: (0x64006400, 1024.0), torch.bfloat16: (0x43004300, 128.0)}
+KERNEL_SOURCE = Path(__file__).parents[1] / "csrc/include/fourbit/int4_mma.cuh"
+
+
+def kernel_magic() -> dict:
+    """The magic words and the values the kernel subtracts, read from the kernel's own source
+    (csrc/include/fourbit/int4_mma.cuh: kMagic and magic_value() of each dtype's traits), so
+    the tests below check the constants the kernel really uses."""
+    source = KERNEL_SOURCE.read_text()
+    found = re.findall(r"kMagic = (0x[0-9a-fA-F]+)u;.*?\n.*?magic_value\(\) \{ return (__float2half2_rn|"
+                       r"__float2bfloat162_rn)\(([0-9.]+)f\)", source)
+    by_dtype = {"__float2half2_rn": torch.float16, "__float2bfloat162_rn": torch.bfloat16}
+    magic = {by_dtype[fn]: (int(word, 16), float(value)) for word, fn, value in found}
+    assert set(magic) == {torch.float16, torch.bfloat16}, f"magic constants not found in {KERNEL_SOURCE}"
+    return magic
+
+
+MAGIC = kernel_magic()
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (1000, 576), (37, 1000), (130, 136)], ids=str)
@@ -32,7 +49,9 @@ def test_prepack_round_trip_is_exact(group_size, shape):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES.values(), ids=HALF_DTYPES.keys())
 def test_magic_number_conversion_is_exact(dtype):
-    """(magic | q) read as two halves is magic + q exactly, for every nibble value."""
+    """(magic | q) read as two halves is value + q exactly, for every nibble value, with the
+    kernel's own constants (kernel_magic reads them from its source): a wrong magic word or
+    subtracted value in the kernel fails here."""
     magic, value = MAGIC[dtype]
     bits = torch.tensor([(magic | q | (q << 16)) for q in range(16)], dtype=torch.int64)
     halves = to_halves(bits, dtype)
@@ -165,15 +184,91 @@ def test_cuda_shapes_from_below_a_tile_to_beyond_l2(shape):
 
 
 @pytest.mark.cuda
-def test_cuda_prepack_round_trip_and_cache():
+def test_cuda_prepack_round_trip():
     need_cuda_kernel()
-    from fourbit import cuda_backend
     weight, _ = random_int4_weight(300, 1000, 64, False, torch.bfloat16, "cuda")
     packed = prepack_mma(weight.qweight, 1000)
     assert torch.equal(unpack_mma(packed, 300, 1000).cpu(), unpack_int4(weight.qweight.cpu())[:, :1000])
-    first = cuda_backend.prepacked(weight.qweight, weight.scales, weight.offsets, weight.group_len, 1000, torch.bfloat16)
-    again = cuda_backend.prepacked(weight.qweight, weight.scales, weight.offsets, weight.group_len, 1000, torch.bfloat16)
-    assert first[0] is again[0]  # made once per weight and dtype
+
+
+# ---- prepack at load: Int4Linear holds one layout ----
+
+def layer_bytes(layer) -> int:
+    return sum(b.numel() * b.element_size() for b in layer.buffers())
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_int4linear_mma_layout_round_trips_exactly(group_size):
+    """Converted to the CUDA kernel's layout (what a forced "cuda" layer on a GPU holds), an
+    Int4Linear keeps one layout only (buffer sizes of the mma layout, no canonical copy), and
+    state_dict / weight give back the canonical tensors bit for bit. Runs on the CPU by
+    calling the conversion directly."""
+    linear = torch.nn.Linear(1000, 200, dtype=torch.float16)
+    layer = fourbit.Int4Linear.from_linear(linear, group_size=group_size)
+    canonical = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer._set_layout("mma")
+    n_pad, k_pad = 256, 1024
+    groups = canonical["scales"].shape[1]
+    assert layer.layout == "mma"
+    assert layer.qweight.shape == (n_pad // 16, k_pad // 64 * 128) and layer.scales.shape == (groups, 200)
+    assert layer_bytes(layer) == n_pad * k_pad // 2 + 2 * groups * 200 * 2  # words, scales, offsets
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, canonical[name]), name
+    assert torch.equal(layer.weight.qweight, canonical["qweight"])
+    # Loading a canonical state dict into an mma-layout layer converts it; the layer stays in its layout.
+    other = fourbit.Int4Linear(1000, 200, group_size=group_size, dtype=torch.float16)
+    other._set_layout("mma")
+    other.load_state_dict(canonical)
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(tensor, canonical[name]), name
+    layer._set_layout("canonical")
+    assert all(torch.equal(t, canonical[k]) for k, t in layer.state_dict().items())
+
+
+def test_int4linear_layout_follows_backend_and_device():
+    """The CUDA layout is taken only by a "cuda" layer on a CUDA device; on the CPU (or with
+    any other backend) the layer keeps the canonical layout, so nothing converts by mistake."""
+    layer = fourbit.Int4Linear.from_linear(torch.nn.Linear(256, 64), group_size=64)
+    layer.backend = "cuda"
+    assert layer.layout == "canonical" and layer._wanted_layout() == "canonical"
+    layer.backend = "auto"
+    assert layer.layout == "canonical"
+
+
+@pytest.mark.cuda
+def test_forced_cuda_layer_holds_one_layout_on_the_gpu():
+    """The GPU weight memory of a forced "cuda" Int4Linear equals one layout: the mma words
+    and transposed scales/offsets, no canonical copy; moving it back to the CPU restores the
+    canonical layout exactly, and its output matches the reference."""
+    need_cuda_kernel()
+    linear = torch.nn.Linear(1000, 200, dtype=torch.float16)
+    layer = fourbit.Int4Linear.from_linear(linear, group_size=128)
+    canonical = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.backend = "cuda"
+    layer.cuda()
+    assert layer.layout == "mma" and all(b.is_cuda for b in layer.buffers())
+    groups = canonical["scales"].shape[1]
+    assert layer_bytes(layer) == 256 * 1024 // 2 + 2 * groups * 200 * 2
+    x = torch.randn(5, 1000, device="cuda").half()
+    ref = fourbit.int4_linear(x, fourbit.Int4Weight(*(canonical[n].cuda() for n in ("qweight", "scales", "offsets")),
+                                                    128, (200, 1000)), layer.bias, backend="torch")
+    torch.testing.assert_close(layer(x), ref, rtol=2e-3, atol=2e-3)
+    layer.cpu()
+    assert layer.layout == "canonical"
+    assert all(torch.equal(t, canonical[k]) for k, t in layer.state_dict().items())
+
+
+@pytest.mark.cuda
+def test_forced_cuda_on_weights_made_in_inference_mode():
+    """The CLI quantizes and runs under torch.inference_mode(): a forced "cuda" layer made
+    there must run (no cache keyed by tensor versions, which inference tensors lack)."""
+    need_cuda_kernel()
+    with torch.inference_mode():
+        layer = fourbit.Int4Linear.from_linear(torch.nn.Linear(256, 64, dtype=torch.float16, device="cuda"),
+                                               group_size=64, backend="cuda")
+        x = torch.randn(3, 256, device="cuda").half()
+        torch.testing.assert_close(layer(x), fourbit.int4_linear(x, layer.weight, backend="torch"),
+                                   rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.cuda

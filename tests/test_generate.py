@@ -1,12 +1,18 @@
 """Generation over the paged KV cache: the paged forward against the plain causal forward,
 batching, chunked prefill, prefix reuse, sampling, stopping, and bad input."""
 
+import contextlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import fourbit
+import fourbit.kernels
 from fourbit.generate import sample
 from fourbit.models import PagedContext
+from conftest import need
 from helpers import relative_error
 
 PROMPTS = [[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198], [19556, 905],
@@ -28,21 +34,21 @@ def test_paged_prefill_and_decode_match_the_plain_forward(smollm):
         while any(done[n] < len(seqs[n]) - 2 for n in seqs):
             names = [n for n in seqs if done[n] < len(seqs[n]) - 2]
             chunks = {n: seqs[n][done[n]:min(done[n] + 10, len(seqs[n]) - 2)] for n in names}
-            slots = torch.cat([cache.append(n, chunks[n]) for n in names])
+            step = cache.plan(names, [chunks[n] for n in names])
             positions = torch.cat([torch.arange(done[n], done[n] + len(chunks[n])) for n in names])
-            starts = torch.tensor([0] + [len(chunks[n]) for n in names]).cumsum(0).to(torch.int32)
-            context = PagedContext(cache, slots, cache.block_tables(names), cache.seq_lens(names), starts)
+            starts = step.query_start_loc
+            context = PagedContext(cache, step)
             logits = smollm(torch.tensor([t for n in names for t in chunks[n]]), positions, context)
             for i, n in enumerate(names):
                 rows = plain[n][done[n]:done[n] + len(chunks[n])]
                 assert relative_error(logits[starts[i]:starts[i + 1]], rows) < 1e-4
                 done[n] += len(chunks[n])
-        for step in range(2):
+        for _ in range(2):
             names = list(seqs)
-            slots = torch.cat([cache.append(n, [seqs[n][done[n]]]) for n in names])
-            seq_lens = cache.seq_lens(names)
-            context = PagedContext(cache, slots, cache.block_tables(names), seq_lens, decode=True)
-            logits = smollm(torch.tensor([seqs[n][done[n]] for n in names]), (seq_lens - 1).long(), context)
+            batch = cache.plan(names, [[seqs[n][done[n]]] for n in names])
+            assert batch.decode
+            context = PagedContext(cache, batch)
+            logits = smollm(torch.tensor([seqs[n][done[n]] for n in names]), (batch.seq_lens - 1).long(), context)
             for i, n in enumerate(names):
                 assert relative_error(logits[i], plain[n][done[n]]) < 1e-4
                 done[n] += 1
@@ -99,3 +105,79 @@ def test_bad_prompts_raise(smollm):
         fourbit.generate(smollm, [[1, 10**6]], 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         fourbit.generate(smollm, [[1, 2]], -1)
+
+
+# ---- plan once per step, run per layer: no layer reads the device back ----
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def host_reads_from_fourbit():
+    """Record every Tensor.item / tolist / cpu / numpy / bool() / int() / float() / index
+    called from fourbit's own code (python/fourbit/, kernels/) while active: each is a
+    device-to-host read, a synchronization on a GPU. Calls from torch or triton are not
+    counted (Triton's CPU interpreter copies by design; on a GPU it does not run)."""
+    roots = (str(Path(fourbit.__file__).parent), str(Path(fourbit.kernels.__file__).parent))
+    calls, originals = [], {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def guard(name, method):
+        def guarded(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(roots):
+                calls.append(f"{name} at {caller}:{sys._getframe(1).f_lineno}")
+            return method(self, *args, **kwargs)
+        return guarded
+
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, guard(name, method))
+    try:
+        yield calls
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_the_host_read_guard_sees_a_read():
+    """The guard below would catch a layer that reads a tensor back (it is not blind)."""
+    with host_reads_from_fourbit() as calls:
+        fourbit.models.llama.rope_inv_freq(fourbit.models.llama.CONFIGS["smollm2-135m"])  # reads nothing
+        assert calls == []
+        fourbit.format.pack_int4(torch.zeros(2, 8, dtype=torch.int32))                    # reads min / max
+    assert calls, "the guard missed pack_int4's host reads"
+
+
+def _tiny_llama():
+    from fourbit.models.loader import build_model
+    from fourbit.models.random_weights import RandomCheckpoint
+    config = fourbit.models.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3,
+                                        num_heads=4, num_kv_heads=2)
+    return build_model(RandomCheckpoint(config), "cpu", torch.float32, dict(group_size=32))
+
+
+@pytest.mark.parametrize("attention", ["auto", "triton"])
+def test_a_step_reads_nothing_back_in_any_layer(attention):
+    """Plan once, run per layer: once a step's PagedBatch is planned, a whole paged forward
+    (every layer's int4 matmuls, K/V writes and prefill or decode attention) makes no
+    device-to-host read from fourbit's code, on the backends that run here: the CPU kernel
+    and the reference ("auto"), and Triton's attention launchers through the interpreter.
+    A per-layer validation or .max() (as before PagedBatch) fails this test."""
+    need("cpu", "triton", "paged_attention") if attention == "triton" else None
+    model = _tiny_llama()
+    config = model.config
+    cache = fourbit.PagedKVCache(config.num_layers, 8, 8, config.num_kv_heads, config.head_dim, torch.float32)
+    prompts = {"a": list(range(1, 12)), "b": list(range(20, 25))}
+    for name in prompts:
+        cache.add_sequence(name)
+    with torch.inference_mode():
+        step = cache.plan(list(prompts), list(prompts.values()))
+        positions = torch.cat([torch.arange(len(p)) for p in prompts.values()])
+        ids = torch.tensor([t for p in prompts.values() for t in p])
+        with host_reads_from_fourbit() as calls:
+            model(ids, positions, PagedContext(cache, step, attention))
+        assert calls == [], f"prefill read the device back: {calls}"
+        step = cache.plan(list(prompts), [[3], [4]])
+        positions = torch.tensor([len(p) for p in prompts.values()])
+        with host_reads_from_fourbit() as calls:
+            model(torch.tensor([3, 4]), positions, PagedContext(cache, step, attention))
+        assert calls == [], f"decode read the device back: {calls}"

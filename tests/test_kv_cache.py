@@ -358,6 +358,47 @@ def test_out_of_blocks_on_append_changes_nothing():
     assert cache.add_sequence("d", [2] * 9) == 8  # nothing was evicted
 
 
+def test_plan_appends_and_builds_the_step_tables():
+    """plan appends each sequence's new tokens exactly as append would, and its PagedBatch
+    holds the same slots, tables and lengths as the cache reports, with query_start_loc and
+    the host-side maxima of the step."""
+    planned, appended = make_cache(), make_cache()
+    for cache in (planned, appended):
+        cache.add_sequence("a", [])
+        cache.add_sequence("b", [])
+    step = planned.plan(["b", "a"], [[5] * 11, [6] * 3])
+    slots = torch.cat([appended.append("b", [5] * 11), appended.append("a", [6] * 3)])
+    assert torch.equal(step.slot_mapping, slots)
+    assert torch.equal(step.block_tables, appended.block_tables(["b", "a"]))
+    assert torch.equal(step.seq_lens, appended.seq_lens(["b", "a"]))
+    assert step.query_start_loc.tolist() == [0, 11, 14] and not step.decode
+    assert (step.max_query_len, step.max_seq_len, step.num_blocks, step.block_size) == (11, 11, 8, 8)
+    decode = planned.plan(["a", "b"], [[7], [8]])
+    assert decode.decode and decode.seq_lens.tolist() == [4, 12] and decode.query_start_loc.tolist() == [0, 1, 2]
+    empty = planned.plan([], [])
+    assert empty.batch_size == 0 and empty.num_tokens == 0
+
+
+def test_plan_is_all_or_nothing():
+    """A step whose sequences together need more pages than exist raises OutOfBlocks and
+    changes nothing, though the first sequence alone would have fit; repeated and unknown
+    ids are rejected before anything changes."""
+    cache = make_cache(num_blocks=4, block_size=8)
+    add_and_fill(cache, "a", [1] * 4)
+    add_and_fill(cache, "b", [2] * 4)
+    before = cache_state(cache)
+    with pytest.raises(OutOfBlocks):
+        cache.plan(["a", "b"], [[3] * 20, [4] * 20])  # 2 new pages each, 2 free
+    assert cache_state(cache) == before
+    with pytest.raises(ValueError, match="twice"):
+        cache.plan(["a", "a"], [[3], [3]])
+    with pytest.raises(KeyError, match="'x'"):
+        cache.plan(["a", "x"], [[3], [3]])
+    with pytest.raises(ValueError, match="token lists"):
+        cache.plan(["a"], [[3], [3]])
+    assert cache_state(cache) == before
+
+
 # -- prefix caching ------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 import fourbit
 from fourbit.format import GROUP_SIZES
+from conftest import backend_cases, need
 from helpers import DTYPES, TinyLM, assert_matmul_accuracy, sqnr_db
 
 
@@ -94,11 +95,9 @@ def test_tune_runs_each_distinct_layer_shape_once_per_row_count():
     assert fourbit.tune(model, rows=(1, 5)) == 3 * 2
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_torch_compile_fullgraph_with_the_triton_backend(device):
-    from fourbit import triton_backend
-    if triton_backend.unavailable(torch.device(device)):
-        pytest.skip(triton_backend.unavailable(torch.device(device)))
+@pytest.mark.parametrize("device,backend", [c for c in backend_cases() if c.values[1] == "triton"])
+def test_torch_compile_fullgraph_with_the_triton_backend(device, backend):
+    need(device, backend)
     model = TinyLM(layers=1, dim=64, hidden=96, vocab=64).eval().to(device)
     fourbit.quantize_(model, group_size=32, backend="triton")
     ids = torch.randint(0, 64, (1, 5), device=device)

@@ -4,30 +4,24 @@ import torch
 import fourbit
 from fourbit import ops
 from fourbit.format import GROUP_SIZES
-from conftest import DEVICES
+from conftest import backend_cases, need
 from helpers import DTYPES, assert_matmul_accuracy, random_int4_weight
 
-BACKENDS = ["torch", "cpu", "triton", "cuda"]
+# Every (device, backend) pair with an int4 kernel; Triton on the CPU runs in test_triton.py
+# (its interpreter is too slow for these shapes).
+CASES = backend_cases("int4_mm", interpreter=False)
 # (N, K): Llama-2-7B layer shapes scaled down 16x along N, and awkward ones.
 SHAPES = {"qkv/16": (768, 4096), "down/16": (256, 11008), "N1000-K576": (1000, 576), "K1000": (96, 1000),
           "N37-K1000": (37, 1000)}
 ROWS = [1, 2, 3, 7, 16, 33]
 
 
-def need(backend: str, device: str):
-    if backend == "triton" and device == "cpu":
-        pytest.skip("Triton's interpreter is too slow for these shapes; test_triton.py covers it")
-    if backend not in fourbit.available_backends(device):
-        pytest.skip(f"backend {backend!r} does not run on {device} in this build")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("m", ROWS)
 def test_int4_linear_matches_reference(m, shape, dtype, backend, device):
-    need(backend, device)
+    need(device, backend)
     n, k = shape
     weight, dense = random_int4_weight(n, k, 128, False, dtype, device)
     x = torch.randn(m, k, device=device).to(dtype)
@@ -35,13 +29,12 @@ def test_int4_linear_matches_reference(m, shape, dtype, backend, device):
     assert_matmul_accuracy(out, x, dense)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_every_group_size_and_mode(group_size, symmetric, dtype, backend, device):
-    need(backend, device)
+    need(device, backend)
     n, k = 200, 1000  # K not a multiple of any group size: padded groups
     weight, dense = random_int4_weight(n, k, group_size, symmetric, dtype, device)
     x = torch.randn(5, k, device=device).to(dtype)
@@ -49,10 +42,9 @@ def test_every_group_size_and_mode(group_size, symmetric, dtype, backend, device
     assert_matmul_accuracy(fourbit.int4_linear(x, weight, bias, backend=backend), x, dense, bias)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 def test_batch_dims_noncontiguous_and_mixed_dtypes(backend, device):
-    need(backend, device)
+    need(device, backend)
     weight, dense = random_int4_weight(64, 256, 64, False, torch.bfloat16, device)  # bf16 scales
     x = torch.randn(3, 256, 4, device=device).transpose(1, 2)  # [B, T, K], non-contiguous, fp32
     assert not x.is_contiguous()
@@ -61,21 +53,30 @@ def test_batch_dims_noncontiguous_and_mixed_dtypes(backend, device):
     assert_matmul_accuracy(out.reshape(-1, 64), x.reshape(-1, 256), dense)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 def test_empty_batch(backend, device):
-    need(backend, device)
+    need(device, backend)
     weight, _ = random_int4_weight(32, 128, 32, True, torch.float16, device)
     out = fourbit.int4_linear(torch.randn(0, 7, 128, device=device).half(), weight, backend=backend)
     assert out.shape == (0, 7, 32) and out.dtype == torch.float16
 
 
-def test_auto_picks_an_available_backend():
-    for m in (1, 16, 1024):
-        chosen = fourbit.choose_backend(torch.device("cpu"), torch.float32, m, 4096, 4096)
-        assert chosen in fourbit.available_backends("cpu")
-    if ops._C is not None:
-        assert fourbit.choose_backend(torch.device("cpu"), torch.float32, 1, 4096, 4096) == "cpu"
+def test_auto_picks_the_cpu_kernel_and_runs_it(monkeypatch):
+    """On the CPU "auto" must choose the C++ kernel when it is built (measured faster than
+    torch's fp32 matmul, dispatch.py), for every M and dtype, and int4_linear must really
+    run what was chosen: the op is handed the backend choose_int4_kernel returned."""
+    if ops._C is None:
+        assert fourbit.choose_backend(torch.device("cpu"), torch.float32, 1, 4096, 4096) == "torch"
+        return
+    for dtype in DTYPES.values():
+        for m in (1, 16, 1024):
+            assert fourbit.choose_backend(torch.device("cpu"), dtype, m, 4096, 4096) == "cpu"
+    assert fourbit.choose_backend(torch.device("meta"), torch.float32, 1, 64, 64) == "torch"
+    chosen = []
+    monkeypatch.setattr(ops, "_int4_mm", lambda *args: chosen.append(args[-1]) or torch.zeros(args[0].shape[0], 32))
+    weight, _ = random_int4_weight(32, 256, 128, False, torch.float32)
+    fourbit.int4_linear(torch.randn(3, 256), weight)
+    assert chosen == ["cpu"]
 
 
 def test_errors_name_the_problem():
@@ -135,9 +136,17 @@ def test_cpu_kernel_checks_its_inputs():
 
 
 @pytest.mark.skipif(ops._C is None, reason="the op is registered by fourbit._C")
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_opcheck(backend):
-    weight, _ = random_int4_weight(48, 320, 64, False, torch.bfloat16)
-    for x, bias in [(torch.randn(3, 320), None), (torch.randn(1, 320).bfloat16(), torch.randn(48).bfloat16())]:
-        torch.library.opcheck(torch.ops.fourbit.int4_mm.default,
-                              (x, weight.qweight, weight.scales, weight.offsets, 64, bias, backend))
+@pytest.mark.parametrize("device,backend", backend_cases("int4_mm"))
+def test_opcheck(device, backend):
+    """Schema, fake and implementation agree on every backend (Triton through its interpreter
+    on the CPU); the "cuda" backend takes its own layout (format.prepack_mma_weight)."""
+    need(device, backend)
+    weight, _ = random_int4_weight(48, 320, 64, False, torch.bfloat16, device)
+    tensors = (weight.qweight, weight.scales, weight.offsets)
+    if backend == "cuda":
+        tensors = fourbit.format.prepack_mma_weight(*tensors, 320)
+    for x, bias in [(torch.randn(3, 320, device=device), None),
+                    (torch.randn(1, 320, device=device).bfloat16(), torch.randn(48, device=device).bfloat16())]:
+        if backend == "cuda" and x.dtype == torch.float32:
+            continue
+        torch.library.opcheck(torch.ops.fourbit.int4_mm.default, (x, *tensors, 64, bias, backend))

@@ -8,8 +8,8 @@ See README.md for the format and the API.
 from .checkpoint import load_quantized, save_quantized
 from .evaluate import perplexity
 from .format import GROUP_SIZES, Int4Weight, pack_int4, unpack_int4
-from .kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
-from .nn import Int4Linear, quantize_, tune
+from .kv_cache import BlockAllocator, OutOfBlocks, PagedBatch, PagedKVCache
+from .nn import Int4Linear, PagedAttention, quantize_, tune
 from .ops import (available_backends, choose_attention_backend, choose_backend, int4_linear, paged_attention,
                   paged_prefill_attention, write_kv)
 from .quantize import Int4WeightOnlyConfig, quantize_weight
@@ -19,8 +19,8 @@ from .generate import generate
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockAllocator", "GROUP_SIZES", "Int4Linear", "Int4Weight", "Int4WeightOnlyConfig", "OutOfBlocks",
-    "PagedKVCache",
+    "BlockAllocator", "GROUP_SIZES", "Int4Linear", "Int4Weight", "Int4WeightOnlyConfig", "OutOfBlocks", "PagedAttention",
+    "PagedBatch", "PagedKVCache",
     "available_backends", "choose_attention_backend", "choose_backend", "generate", "int4_linear", "load_model",
     "load_quantized", "load_tokenizer", "pack_int4", "paged_attention", "paged_prefill_attention", "perplexity",
     "quantize_", "quantize_weight", "save_model", "save_quantized", "tune", "unpack_int4", "write_kv",

@@ -240,3 +240,19 @@ def unpack_mma(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     q = torch.empty(n16 * 16, k_pad, dtype=torch.uint8, device=packed.device)
     _mma_view(q).copy_(nibbles.view(n16, k_pad // 64, 8, 4, 4, 2, 2, 2))
     return q[:n, :k]
+
+
+def prepack_mma_weight(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A canonical weight of K = k columns in the CUDA kernel's layout: (packed int32
+    [N_pad / 16, K_pad / 64 * 128], scales and offsets transposed to [groups, N], same dtype)."""
+    return prepack_mma(qweight, k), scales.t().contiguous(), offsets.t().contiguous()
+
+
+def unpack_mma_weight(packed: torch.Tensor, scales_t: torch.Tensor, offsets_t: torch.Tensor, n: int, k: int,
+                      k_padded: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of prepack_mma_weight, exactly: canonical (qweight int32 [n, k_padded / 8],
+    scales, offsets [n, groups]); the K padding holds q = 0, as the format requires."""
+    q = torch.zeros(n, k_padded, dtype=torch.uint8, device=packed.device)
+    q[:, :k] = unpack_mma(packed, n, k)
+    return pack_int4(q), scales_t.t().contiguous(), offsets_t.t().contiguous()

@@ -1,7 +1,8 @@
 """Batched generation over the paged KV cache: chunked prefill, then batched decode.
 
-Each step runs the model once on the new tokens of every active sequence (models/llama.py,
-PagedContext): prefill steps take up to `prefill_chunk` prompt tokens from as many
+Each step plans its batch once (PagedKVCache.plan: pages appended, index tables built and
+checked on the host, uploaded once) and runs the model on the new tokens of every active
+sequence (models/llama.py, PagedContext); no layer reads anything back. Prefill steps take up to `prefill_chunk` prompt tokens from as many
 sequences as fit, decode steps one token from each. Prompts that start with blocks already
 in the cache's prefix cache skip them. A sequence that stops frees its pages at once. On a
 GPU the decode step is captured in a CUDA graph per batch-size bucket and replayed.
@@ -13,7 +14,7 @@ import warnings
 
 import torch
 
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedBatch, PagedKVCache
 from .models.llama import Llama, PagedContext
 
 
@@ -34,12 +35,6 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-
-
-def _tracked():
-    """Make a step's index tensors outside inference mode: tensors that track their version
-    let the ops check their values once per step instead of once per layer (ops.py)."""
-    return torch.inference_mode(False)
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -65,28 +60,30 @@ class _DecodeGraphs:
         self.model, self.cache, self.max_blocks, self.backend = model, cache, max_blocks, backend
         self.graphs = {}
 
-    def run(self, input_ids, positions, slot_mapping, block_tables, seq_lens) -> torch.Tensor:
-        batch = input_ids.shape[0]
-        bucket = 1 << (batch - 1).bit_length()
+    def run(self, input_ids, positions, batch: PagedBatch) -> torch.Tensor:
+        size = input_ids.shape[0]
+        bucket = 1 << (size - 1).bit_length()
         if bucket not in self.graphs:
             self.graphs[bucket] = self._capture(bucket)
         graph, buffers, logits = self.graphs[bucket]
-        for buf in buffers.values():
-            buf.zero_()
+        for name in ("input_ids", "positions", "block_tables"):  # query_start_loc stays arange
+            buffers[name].zero_()
         buffers["slot_mapping"].fill_(-1)
         buffers["seq_lens"].fill_(1)
-        buffers["input_ids"][:batch] = input_ids
-        buffers["positions"][:batch] = positions
-        buffers["slot_mapping"][:batch] = slot_mapping
-        buffers["block_tables"][:batch, :block_tables.shape[1]] = block_tables
-        buffers["seq_lens"][:batch] = seq_lens
+        buffers["input_ids"][:size] = input_ids
+        buffers["positions"][:size] = positions
+        buffers["slot_mapping"][:size] = batch.slot_mapping
+        buffers["block_tables"][:size, :batch.block_tables.shape[1]] = batch.block_tables
+        buffers["seq_lens"][:size] = batch.seq_lens
         graph.replay()
-        return logits[:batch]
+        return logits[:size]
 
     def _step(self, b):
-        context = PagedContext(self.cache, b["slot_mapping"], b["block_tables"], b["seq_lens"], decode=True,
-                               backend=self.backend)
-        return self.model(b["input_ids"], b["positions"], context)
+        # A trusted batch over the static buffers: run() fills them from planned (checked)
+        # batches, and padding rows point at page 0 with one token and write nothing.
+        batch = PagedBatch(b["slot_mapping"], b["block_tables"], b["seq_lens"], b["query_start_loc"], 1,
+                           self.max_blocks * self.cache.block_size, self.cache.num_blocks, self.cache.block_size)
+        return self.model(b["input_ids"], b["positions"], PagedContext(self.cache, batch, self.backend))
 
     def _capture(self, bucket: int):
         device = self.cache.device
@@ -94,7 +91,8 @@ class _DecodeGraphs:
              "positions": torch.zeros(bucket, dtype=torch.int64, device=device),
              "slot_mapping": torch.full((bucket,), -1, dtype=torch.int64, device=device),
              "block_tables": torch.zeros(bucket, self.max_blocks, dtype=torch.int32, device=device),
-             "seq_lens": torch.ones(bucket, dtype=torch.int32, device=device)}
+             "seq_lens": torch.ones(bucket, dtype=torch.int32, device=device),
+             "query_start_loc": torch.arange(bucket + 1, dtype=torch.int32, device=device)}
         # Warm up outside the graph (autotuning and lazy initialization cannot be captured).
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -181,10 +179,7 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             positions = torch.cat([torch.arange(s, s + len(c)) for s, c in zip(starts, chunks)]).to(device)
             query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
             finished = [i for i, s in enumerate(batch) if not pending[s]]  # prompts complete this step
-            with _tracked():
-                context = PagedContext(cache, torch.cat([cache.append(s, c) for s, c in zip(batch, chunks)]),
-                                       cache.block_tables(batch), cache.seq_lens(batch),
-                                       query_start_loc.to(torch.int32).to(device), backend=backend)
+            context = PagedContext(cache, cache.plan(batch, chunks), backend)
             input_ids = torch.tensor([t for c in chunks for t in c], device=device)
             rows = (query_start_loc[1:] - 1)[finished].to(device)
             logits = model(input_ids, positions, context, logits_rows=rows)
@@ -199,22 +194,18 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             batch = [s for s in seqs if s not in done]
             if not batch:
                 break
-            with _tracked():
-                slot_mapping = torch.cat([cache.append(s, [last[s]]) for s in batch])
-                seq_lens = cache.seq_lens(batch)
-                block_tables = cache.block_tables(batch)
+            step = cache.plan(batch, [[last[s]] for s in batch])
             input_ids = torch.tensor([last[s] for s in batch], device=device)
-            positions = (seq_lens - 1).to(torch.int64)
+            positions = torch.tensor([cache.seq_len(s) - 1 for s in batch], device=device)
             logits = None
             if graphs is not None:
                 try:
-                    logits = graphs.run(input_ids, positions, slot_mapping, block_tables, seq_lens)
+                    logits = graphs.run(input_ids, positions, step)
                 except RuntimeError as error:  # a capture that fails costs speed, not the result
                     warnings.warn(f"fourbit.generate: CUDA graph capture failed ({error}); decoding eagerly")
                     graphs = None
             if logits is None:
-                logits = model(input_ids, positions, PagedContext(cache, slot_mapping, block_tables, seq_lens,
-                                                                  decode=True, backend=backend))
+                logits = model(input_ids, positions, PagedContext(cache, step, backend))
             for seq, token in zip(batch, sample(logits, temperature, top_k, top_p, generator).tolist()):
                 take(seq, token)
     finally:

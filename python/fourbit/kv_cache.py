@@ -13,6 +13,13 @@ other module and every kernel takes these names and tensors as they are.
 - Token t of sequence b lives at page block_tables[b, t // block_size], row t % block_size.
 - Writes take slot_mapping int64 [tokens] = page * block_size + row; -1 means skip (the cache
   never hands out -1; callers use it for padding tokens).
+- query_start_loc int32 [batch + 1]: the new tokens of sequence b are rows
+  query_start_loc[b] .. query_start_loc[b + 1] - 1 of a step's input, the last of its tokens.
+
+Plan once per step, run per layer: a PagedBatch holds these tensors for one step, validated
+once when it is built (PagedKVCache.plan builds and checks them on the host before a single
+upload; PagedBatch.from_tensors checks tensors a caller made, with one read to the host).
+Every layer then runs the paged ops on it without touching the host.
 
 Blocks are shared by reference count. fork() shares all blocks of a sequence (parallel
 sampling, beam search); a sharer that appends to a shared, partly filled last block first
@@ -34,6 +41,121 @@ from collections.abc import Hashable, Iterable
 import torch
 
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedBatch:
+    """The index tensors of one step of paged attention, validated once (module notes).
+
+    Attributes:
+        slot_mapping: int64 [num_tokens], where each new token's K and V go (-1: nowhere).
+        block_tables: int32 [batch, max_blocks], the pages of each sequence.
+        seq_lens: int32 [batch], each sequence's tokens, cached plus new, in [1, max_blocks * block_size].
+        query_start_loc: int32 [batch + 1], from 0 rising to num_tokens; sequence b's
+            new tokens are rows query_start_loc[b] .. query_start_loc[b + 1] - 1, at most seq_lens[b].
+        max_query_len: the most new tokens of any sequence (host int: sizes prefill grids).
+        max_seq_len: the longest sequence (host int).
+        num_blocks, block_size: the geometry of the cache it was validated against.
+
+    Build it with PagedKVCache.plan or PagedBatch.from_tensors, which check every value.
+    The constructor itself checks only what the host knows (dtypes, shapes, devices): a
+    batch made directly (generate's CUDA graphs do, over static buffers they fill from
+    planned batches) is trusted, and the kernels clamp every index they read regardless.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    num_blocks: int
+    block_size: int
+
+    def __post_init__(self):
+        for name, dtype, dims in (("slot_mapping", torch.int64, 1), ("block_tables", torch.int32, 2),
+                                  ("seq_lens", torch.int32, 1), ("query_start_loc", torch.int32, 1)):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+                raise TypeError(f"{name} must be a {dtype} tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+            if t.dim() != dims:
+                raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(t.shape)}")
+            if t.device != self.block_tables.device:
+                raise ValueError(f"{name} is on {t.device} but block_tables is on {self.block_tables.device}")
+        batch = self.block_tables.shape[0]
+        if self.block_tables.shape[1] == 0:
+            raise ValueError("block_tables must have at least one column")
+        for name, want in (("seq_lens", (batch,)), ("query_start_loc", (batch + 1,))):
+            if tuple(getattr(self, name).shape) != want:
+                raise ValueError(f"{name} must have shape {want} for the {batch} rows of block_tables, "
+                                 f"got {tuple(getattr(self, name).shape)}")
+        _check_positive("num_blocks", self.num_blocks)
+        if self.block_size < 8 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 8, got {self.block_size}")
+        for name in ("max_query_len", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_tables.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.block_tables.device
+
+    @property
+    def decode(self) -> bool:
+        """Every sequence has exactly one new token (the decode kernels run it)."""
+        return self.num_tokens == self.batch_size and self.max_query_len == 1
+
+    @classmethod
+    def from_tensors(cls, *, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     query_start_loc: torch.Tensor | None = None, num_blocks: int, block_size: int) -> PagedBatch:
+        """A batch from a caller's tensors (any device), every value checked: one copy of the
+        index tensors to the host, once per step.
+
+        Args:
+            slot_mapping: int64 [num_tokens]; block_tables: int32 [B, max_blocks];
+            seq_lens: int32 [B]; query_start_loc: int32 [B + 1], or None for decode (one new
+                token per sequence: arange(B + 1));
+            num_blocks, block_size: the cache's geometry (k_cache.shape[:2]).
+        Raises:
+            TypeError / ValueError naming the tensor and the rule it breaks.
+        """
+        if query_start_loc is None and isinstance(block_tables, torch.Tensor):
+            query_start_loc = torch.arange(block_tables.shape[0] + 1, dtype=torch.int32, device=block_tables.device)
+        trusted = cls(slot_mapping, block_tables, seq_lens, query_start_loc, 0, 0, num_blocks, block_size)
+        host = [t.cpu() for t in (slot_mapping, block_tables, seq_lens, query_start_loc)]
+        max_query_len, max_seq_len = _check_batch_values(*host, num_blocks, block_size)
+        return dataclasses.replace(trusted, max_query_len=max_query_len, max_seq_len=max_seq_len)
+
+
+def _check_batch_values(slot_mapping, block_tables, seq_lens, query_start_loc, num_blocks: int,
+                        block_size: int) -> tuple[int, int]:
+    """Check a batch's index values (CPU tensors); return (max_query_len, max_seq_len)."""
+    slots = num_blocks * block_size
+    if bool(((slot_mapping < -1) | (slot_mapping >= slots)).any()):
+        raise ValueError(f"slot_mapping values must be -1 or lie in [0, num_blocks * block_size = {slots})")
+    capacity = block_tables.shape[1] * block_size
+    if bool(((seq_lens < 1) | (seq_lens > capacity)).any()):
+        raise ValueError(f"seq_lens must lie in [1, max_blocks * block_size = {capacity}], got {seq_lens.tolist()}")
+    used = torch.arange(block_tables.shape[1])[None, :] * block_size < seq_lens[:, None]
+    if bool((used & ((block_tables < 0) | (block_tables >= num_blocks))).any()):
+        raise ValueError(f"block_tables holds pages outside [0, num_blocks = {num_blocks}) within the sequences' "
+                         "lengths")
+    new = query_start_loc[1:] - query_start_loc[:-1]
+    if int(query_start_loc[0]) != 0 or int(query_start_loc[-1]) != slot_mapping.shape[0] or bool((new < 0).any()):
+        raise ValueError(f"query_start_loc must rise from 0 to num_tokens = {slot_mapping.shape[0]}, "
+                         f"got {query_start_loc.tolist()}")
+    if bool((new > seq_lens).any()):
+        raise ValueError("a sequence has more new tokens (query_start_loc) than tokens (seq_lens)")
+    return int(new.max()) if len(new) else 0, int(seq_lens.max()) if len(seq_lens) else 0
 
 
 class OutOfBlocks(RuntimeError):
@@ -250,16 +372,8 @@ class PagedKVCache:
         cannot be had even by evicting cached blocks.
         """
         seq, tokens = self._seq(seq_id), _token_list(tokens)
-        if not tokens:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
         self._reserve(self._blocks_needed(seq, len(tokens)))
-        start = len(seq.tokens)
-        if self._needs_copy(seq):
-            self._copy_on_write(seq)
-        seq.blocks += self._allocator.allocate(_cdiv(start + len(tokens), self.block_size) - len(seq.blocks))
-        seq.tokens += tokens
-        self._register_full_blocks(seq)
-        return self._slot_mapping(seq, start)
+        return self._append(seq, tokens).to(self.device)
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """A new sequence child_id sharing all of parent_id's blocks and tokens."""
@@ -276,6 +390,41 @@ class PagedKVCache:
         self._release(seq.blocks)
 
     # -- batches for the kernels ----------------------------------------------------------
+
+    def plan(self, seq_ids: list[Hashable], new_tokens: list[Iterable[int]]) -> PagedBatch:
+        """Append new tokens to each of seq_ids and plan the step that computes them.
+
+        Args:
+            seq_ids: distinct sequences of this cache, in the order of the step's rows.
+            new_tokens: for each, the token ids (possibly none) whose K and V this step writes.
+        Returns:
+            A PagedBatch on the cache device: the new tokens of seq_ids[b] are rows
+            query_start_loc[b] .. of the step's input, written at slot_mapping.
+        Raises:
+            OutOfBlocks, changing nothing, when the pages cannot be had for all of them
+            (even by evicting cached blocks); ValueError for repeated or unknown ids.
+        """
+        seq_ids, new_tokens = list(seq_ids), [_token_list(t) for t in new_tokens]
+        if len(seq_ids) != len(new_tokens):
+            raise ValueError(f"{len(seq_ids)} sequences but {len(new_tokens)} token lists")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("a sequence appears twice in one step")
+        seqs = [self._seq(seq_id) for seq_id in seq_ids]
+        self._reserve(sum(self._blocks_needed(seq, len(t)) for seq, t in zip(seqs, new_tokens)))
+        slots = [self._append(seq, tokens) for seq, tokens in zip(seqs, new_tokens)]
+        lens = [len(seq.tokens) for seq in seqs]
+        width = max([len(seq.blocks) for seq in seqs] + [1])
+        starts = [0]
+        for tokens in new_tokens:
+            starts.append(starts[-1] + len(tokens))
+        host = (torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64),
+                torch.tensor([seq.blocks + [0] * (width - len(seq.blocks)) for seq in seqs],
+                             dtype=torch.int32).view(len(seqs), width),
+                torch.tensor(lens, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32))
+        # The cache made these; checking them on the host costs no synchronization.
+        max_query_len, max_seq_len = _check_batch_values(*host, self.num_blocks, self.block_size)
+        return PagedBatch(*(t.to(self.device, non_blocking=True) for t in host), max_query_len, max_seq_len,
+                          self.num_blocks, self.block_size)
 
     def block_tables(self, seq_ids: Iterable[Hashable]) -> torch.Tensor:
         """block_tables: int32 [len(seq_ids), max_blocks] on the cache device; max_blocks is
@@ -323,6 +472,18 @@ class PagedKVCache:
         new_pages = _cdiv(len(seq.tokens) + n, self.block_size) - len(seq.blocks)
         return new_pages + self._needs_copy(seq)
 
+    def _append(self, seq: _Sequence, tokens: list[int]) -> torch.Tensor:
+        """Append tokens to seq, its blocks already reserved; their slots, int64 on the CPU."""
+        start = len(seq.tokens)
+        if not tokens:
+            return torch.empty(0, dtype=torch.int64)
+        if self._needs_copy(seq):
+            self._copy_on_write(seq)
+        seq.blocks += self._allocator.allocate(_cdiv(start + len(tokens), self.block_size) - len(seq.blocks))
+        seq.tokens += tokens
+        self._register_full_blocks(seq)
+        return self._slot_mapping(seq, start)
+
     def _reserve(self, n: int) -> None:
         """Make n blocks free, evicting least recently used cached blocks only if needed."""
         free, evictable = self._allocator.num_free, len(self._evictable)
@@ -356,10 +517,10 @@ class PagedKVCache:
         self.kv[:, :, dst, :rows].copy_(self.kv[:, :, src, :rows])
 
     def _slot_mapping(self, seq: _Sequence, start: int) -> torch.Tensor:
-        """slot_mapping int64 [len(seq.tokens) - start] of the tokens from position start on."""
+        """slot_mapping int64 [len(seq.tokens) - start] (CPU) of the tokens from position start on."""
         positions = torch.arange(start, len(seq.tokens))
-        pages = torch.tensor(seq.blocks)[positions // self.block_size]
-        return (pages * self.block_size + positions % self.block_size).to(self.device)
+        pages = torch.tensor(seq.blocks, dtype=torch.int64)[positions // self.block_size]
+        return pages * self.block_size + positions % self.block_size
 
     # -- private: prefix cache ------------------------------------------------------------
 

@@ -6,18 +6,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .format import COMPUTE_DTYPES, Int4Weight, check_group_size, group_len, padded_k
-from .ops import BACKENDS, check_activation, linear
+from .format import (COMPUTE_DTYPES, Int4Weight, check_group_size, group_len, padded_k, prepack_mma_weight,
+                     unpack_mma_weight)
+from .kv_cache import PagedBatch
+from .ops import (BACKENDS, check_activation, linear, paged_attention, paged_prefill_attention,
+                  write_kv)
 from .quantize import Int4WeightOnlyConfig, as_config, quantize_weight
 
 
 class Int4Linear(nn.Module):
     """A linear layer with int4 weights (W4A16): y = x @ W.T + b, W in the fourbit format.
 
-    Buffers (the canonical format, what state_dict and checkpoints hold):
-        qweight: int32 [out_features, K_padded / 8]
-        scales:  [out_features, num_groups] in the compute dtype
-        offsets: [out_features, num_groups], same dtype (-8 * scales when symmetric)
+    Buffers, in the layout of the backend that runs the layer (`layout`):
+        "canonical" (backends torch, cpu, triton, and "auto"), what Int4Weight holds:
+            qweight: int32 [out_features, K_padded / 8]
+            scales:  [out_features, num_groups] in the compute dtype
+            offsets: [out_features, num_groups], same dtype (-8 * scales when symmetric)
+        "mma" (backend "cuda" on a CUDA device), the CUDA kernel's own (format.prepack_mma_weight):
+            qweight: int32 [N_pad / 16, K_pad / 64 * 128]; scales, offsets: [num_groups, out_features]
+    The layer converts once, when its weights are loaded, it is moved, or its backend is
+    set, and holds one layout only. state_dict, `weight` and checkpoints are canonical always.
     Parameter:
         bias: [out_features] or None
 
@@ -33,10 +41,9 @@ class Int4Linear(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         if dtype not in COMPUTE_DTYPES:
             raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
         self.in_features, self.out_features = in_features, out_features
-        self.group_size, self.symmetric, self.backend = group_size, symmetric, backend
+        self.group_size, self.symmetric = group_size, symmetric
+        self.layout = "canonical"
         k_pad = padded_k(in_features, group_size)
         groups = k_pad // group_len(in_features, group_size)
         self.register_buffer("qweight", torch.zeros(out_features, k_pad // 8, dtype=torch.int32, device=device))
@@ -44,6 +51,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("offsets", torch.zeros(out_features, groups, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
+        self.backend = backend
 
     @classmethod
     def from_linear(cls, linear_module: nn.Linear, group_size: int = 128, symmetric: bool = False,
@@ -59,32 +67,143 @@ class Int4Linear(nn.Module):
         module.load_weight(weight, linear_module.bias)
         return module
 
+    # -- the layout of the buffers --------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+        self._backend = backend
+        self._relayout()
+
+    def _wanted_layout(self) -> str:
+        """The CUDA kernel reads its own layout; every other backend the canonical one."""
+        return "mma" if self._backend == "cuda" and self.qweight.device.type == "cuda" else "canonical"
+
+    def _canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, offsets) in the canonical layout, converted if need be."""
+        if self.layout == "canonical":
+            return self.qweight, self.scales, self.offsets
+        return unpack_mma_weight(self.qweight, self.scales, self.offsets, self.out_features, self.in_features,
+                                 padded_k(self.in_features, self.group_size))
+
+    def _set_layout(self, layout: str) -> None:
+        """Convert the buffers to layout ("canonical" or "mma"), replacing them: one copy held."""
+        if layout == self.layout:
+            return
+        qweight, scales, offsets = self._canonical()
+        if layout == "mma":
+            qweight, scales, offsets = prepack_mma_weight(qweight, scales, offsets, self.in_features)
+        self.qweight, self.scales, self.offsets = qweight, scales, offsets
+        self.layout = layout
+
+    def _relayout(self) -> None:
+        if self.qweight.device.type != "meta":
+            self._set_layout(self._wanted_layout())
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .cpu(), .half(): move the buffers, then take the layout the backend
+        # wants on the new device (the CUDA layout means nothing on the CPU).
+        module = super()._apply(fn, recurse)
+        self._relayout()
+        return module
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "canonical":
+            for name, tensor in zip(("qweight", "scales", "offsets"), self._canonical()):
+                destination[prefix + name] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts and checkpoints are canonical: load into canonical buffers, then convert.
+        self._set_layout("canonical")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._relayout()
+
+    # -- weights --------------------------------------------------------------------------
+
     def load_weight(self, weight: Int4Weight, bias: torch.Tensor | None = None) -> None:
-        """Take an Int4Weight (and bias) as this layer's weights, replacing the buffers."""
+        """Take an Int4Weight (and bias) as this layer's weights, replacing the buffers, and
+        convert them to the layout of the layer's backend."""
         if weight.shape != (self.out_features, self.in_features) or weight.group_size != self.group_size:
             raise ValueError(f"weight {weight} does not fit Int4Linear({self.in_features}, "
                              f"{self.out_features}, group_size={self.group_size})")
+        self.layout = "canonical"
         self.qweight, self.scales, self.offsets = weight.qweight, weight.scales, weight.offsets
         self.symmetric = weight.symmetric
         if self.bias is not None:
             if bias is None:
                 raise ValueError("this Int4Linear has a bias; pass it")
             self.bias = nn.Parameter(bias.detach().to(weight.device), requires_grad=False)
+        self._relayout()
 
     @property
     def weight(self) -> Int4Weight:
-        return Int4Weight(self.qweight, self.scales, self.offsets, self.group_size,
-                          (self.out_features, self.in_features), self.symmetric)
+        """The weight in the canonical layout (converted if the buffers hold another)."""
+        qweight, scales, offsets = self._canonical()
+        return Int4Weight(qweight, scales, offsets, self.group_size, (self.out_features, self.in_features),
+                          self.symmetric)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of the scales and offsets."""
+        return self.scales.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_activation(x, self.in_features, self.qweight.device)
-        return linear(x, self.qweight, self.scales, self.offsets,
-                      group_len(self.in_features, self.group_size), self.bias, self.backend)
+        return linear(x, self.qweight, self.scales, self.offsets, self.out_features,
+                      group_len(self.in_features, self.group_size), self.bias, self._backend, self.layout)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}, "
                 f"symmetric={self.symmetric}, dtype={self.scales.dtype}, backend={self.backend!r}")
+
+
+class PagedAttention(nn.Module):
+    """Attention of one layer over a paged KV cache: write the step's new K and V to the
+    layer's pages, then attend (decode or prefill, as the step's PagedBatch says).
+
+    Args:
+        num_heads, num_kv_heads, head_dim: query heads, K/V heads (num_heads a multiple:
+            GQA), and head size.
+        scale: softmax scale, default head_dim ** -0.5.
+        backend: "auto" or a forced backend for the three paged ops.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.backend = scale, backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, batch: PagedBatch, backend: str | None = None) -> torch.Tensor:
+        """
+        Args:
+            q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim],
+                the step's new tokens in the cache's dtype.
+            k_cache, v_cache: this layer's pages [num_blocks, block_size, num_kv_heads, head_dim].
+            batch: the step's PagedBatch (PagedKVCache.plan), planned once for all layers.
+            backend: overrides self.backend for this call.
+        Returns:
+            [num_tokens, num_heads, head_dim] in q's dtype.
+        """
+        backend = backend or self.backend
+        write_kv(k, v, k_cache, v_cache, batch, backend=backend)
+        attend = paged_attention if batch.decode else paged_prefill_attention
+        return attend(q, k_cache, v_cache, batch, self.scale, backend=backend)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
 
 
 def linear_targets(model: nn.Module, config: Int4WeightOnlyConfig | None = None) -> list[str]:

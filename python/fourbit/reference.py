@@ -49,28 +49,18 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
-def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens of one sequence: [length, num_kv_heads, head_dim]."""
-    block_size = cache.shape[1]
-    pages = block_table[: -(-length // block_size)].long()
-    return cache[pages].flatten(0, 1)[:length]
+def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Every token slot of each sequence's pages: [B, max_blocks * block_size, num_kv_heads, head_dim]."""
+    return cache[block_tables.long()].flatten(1, 2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, first_pos: int) -> torch.Tensor:
-    """Causal attention of queries at positions first_pos, first_pos + 1, ... over keys 0..L-1.
-
-    q [T, Hq, D]; k, v [L, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head
-    h // (Hq / Hkv)). Computed in fp32 by torch's SDPA; returns [T, Hq, D] in q's dtype.
-    """
-    # [1, heads, tokens, D]: SDPA's fused CPU and GPU kernels want a batch dimension.
-    q4, k4, v4 = (t.float().transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    if first_pos + q.shape[0] == k.shape[0] and q.shape[0] == 1:  # decode: every key is visible
-        mask = None
-    else:
-        pos = first_pos + torch.arange(q.shape[0], device=q.device)
-        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= pos[:, None]          # [T, L]
-    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1).to(q.dtype)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of q [B, T, Hq, D] over k, v [B, L, Hkv, D] where visible [B, T, L] (Hq a
+    multiple of Hkv: query head h reads kv head h // (Hq / Hkv)). Computed in fp32 by torch's
+    SDPA; returns [B, T, Hq, D] in q's dtype."""
+    q4, k4, v4 = (t.float().transpose(1, 2) for t in (q, k, v))            # [B, heads, tokens, D]
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -83,17 +73,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Returns:
         [B, Hq, D] in q's dtype.
     """
-    out = torch.empty_like(q)
-    for b, length in enumerate(seq_lens.tolist()):
-        k = _gather_pages(k_cache, block_tables[b], length)
-        v = _gather_pages(v_cache, block_tables[b], length)
-        out[b] = _attend(q[b:b + 1], k, v, scale, length - 1)[0]
-    return out
+    k, v = _gather_pages(k_cache, block_tables), _gather_pages(v_cache, block_tables)
+    visible = torch.arange(k.shape[1], device=q.device)[None, None, :] < seq_lens[:, None, None]   # [B, 1, L]
+    return _attend(q[:, None], k, v, visible, scale)[:, 0]
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+                            max_query_len: int, scale: float) -> torch.Tensor:
     """Prefill / chunked prefill over the paged cache.
 
     The new tokens of sequence b are q[query_start_loc[b]:query_start_loc[b + 1]], the last
@@ -102,17 +89,25 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Args:
         q: [total_q, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D];
-        block_tables: int32 [B, max_blocks]; seq_lens: int32 [B]; query_start_loc: int32 [B + 1].
+        block_tables: int32 [B, max_blocks]; seq_lens: int32 [B]; query_start_loc: int32 [B + 1];
+        max_query_len: at least the most new tokens of any sequence.
     Returns:
         [total_q, Hq, D] in q's dtype.
     """
-    out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    for b, length in enumerate(seq_lens.tolist()):
-        lo, hi = starts[b], starts[b + 1]
-        if hi == lo:
-            continue
-        k = _gather_pages(k_cache, block_tables[b], length)
-        v = _gather_pages(v_cache, block_tables[b], length)
-        out[lo:hi] = _attend(q[lo:hi], k, v, scale, length - (hi - lo))
-    return out
+    # Row r of sequence b's new tokens is token query_start_loc[b] + r of q and sits at
+    # position seq_lens[b] - new[b] + r of the sequence. Queries are laid out [B, max_query_len]
+    # (rows past a sequence's new tokens are padding, computed and dropped).
+    total_q, device = q.shape[0], q.device
+    starts, new = query_start_loc[:-1].long(), (query_start_loc[1:] - query_start_loc[:-1]).long()
+    rows = torch.arange(max_query_len, device=device)
+    token = (starts[:, None] + rows).clamp(max=max(total_q - 1, 0))               # [B, max_query_len]
+    position = (seq_lens - new)[:, None] + rows
+    k, v = _gather_pages(k_cache, block_tables), _gather_pages(v_cache, block_tables)
+    visible = torch.arange(k.shape[1], device=device)[None, None, :] <= position[:, :, None]       # [B, T, L]
+    out = _attend(q[token], k, v, visible, scale)
+    # Scatter the real rows back to their tokens; padding rows go to a spare row past the end
+    # (an index, not a boolean mask: no data-dependent shape, so no host synchronization).
+    target = torch.where(rows[None, :] < new[:, None], token, total_q)
+    result = q.new_empty((total_q + 1, *q.shape[1:]))
+    result.index_copy_(0, target.flatten(), out.flatten(0, 1))
+    return result[:total_q]

@@ -10,8 +10,8 @@ Two ways to run it:
 - model(input_ids [B, T]) with no context: a plain causal forward (SDPA), logits [B, T, V].
   Scoring and perplexity use it.
 - model(input_ids [N], positions [N], context): the new tokens of a batch of sequences back
-  to back over a PagedKVCache; each layer writes its K and V through context.slot_mapping
-  and attends with paged_attention (decode) or paged_prefill_attention (prefill).
+  to back over a PagedKVCache; each layer's PagedAttention writes its K and V and attends
+  (decode or prefill) with the step's PagedBatch, planned once for all layers.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..kv_cache import PagedKVCache
+from ..kv_cache import PagedBatch, PagedKVCache
+from ..nn import PagedAttention
 
 
 @dataclasses.dataclass
@@ -127,22 +127,13 @@ LAYER_TENSORS = {
 LAYER_BIASES = {"self_attn.qkv_proj.bias": ("q_bias", "k_bias", "v_bias")}  # Qwen2
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PagedContext:
-    """Where a paged forward reads and writes K and V (layout: kv_cache.py).
-
-    slot_mapping: int64 [N], the cache slot of each new token.
-    block_tables: int32 [B, max_blocks]; seq_lens: int32 [B], cached plus new tokens.
-    query_start_loc: int32 [B + 1], the new tokens of sequence b are rows
-        query_start_loc[b] .. query_start_loc[b + 1] - 1 of the input (prefill only).
-    decode: every sequence has exactly one new token (then query_start_loc is unused).
-    """
+    """What a paged forward needs besides its tokens: the cache whose pages each layer
+    writes and reads, the step's PagedBatch (PagedKVCache.plan; validated once, read by
+    every layer), and the attention backend ("auto" by default)."""
     cache: PagedKVCache
-    slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
-    seq_lens: torch.Tensor
-    query_start_loc: torch.Tensor | None = None
-    decode: bool = False
+    batch: PagedBatch
     backend: str = "auto"
 
 
@@ -199,6 +190,7 @@ class Attention(nn.Module):
         qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
 
     def forward(self, x, cos, sin, context: PagedContext | None):
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -211,14 +203,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, enable_gqa=True).transpose(1, 2)
         else:  # [N, heads, D] over the paged cache
-            k_cache, v_cache = context.cache.layer(self.layer_idx)
-            ops.write_kv(k, v, k_cache, v_cache, context.slot_mapping, backend=context.backend)
-            if context.decode:
-                out = ops.paged_attention(q, k_cache, v_cache, context.block_tables, context.seq_lens,
-                                          backend=context.backend)
-            else:
-                out = ops.paged_prefill_attention(q, k_cache, v_cache, context.block_tables, context.seq_lens,
-                                                  context.query_start_loc, backend=context.backend)
+            out = self.attn(q, k, v, *context.cache.layer(self.layer_idx), context.batch, context.backend)
         return self.o_proj(out.reshape(*lead, h * d))
 
 

@@ -1,16 +1,20 @@
 """The "triton" backend of the paged KV cache ops: launchers for kernels/paged_attention.py.
 
-Inputs arrive checked by ops.py (shapes, dtypes, devices, contiguous caches). Launchers
-pick tile sizes and grids, allocate outputs and launch; they never read a tensor's values
-back to the host in decode (paged_attention is safe to capture in a CUDA graph).
+Inputs arrive checked by ops.py (shapes, dtypes, devices, contiguous caches), their index
+values validated once per step in a PagedBatch (kv_cache.py). Launchers pick tile sizes and
+grids from host-side sizes only (the table width, the batch's max_query_len), allocate
+outputs and launch; they never read a tensor's values back to the host, so every op here is
+safe to capture in a CUDA graph and costs no synchronization per layer.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
-from .triton_backend import interpreted, triton
 from fourbit.kernels import paged_attention as _kernels
+
+from . import interpreted
 
 # Decode splits a sequence into partitions of at least this many tokens...
 MIN_PARTITION = 256
@@ -92,13 +96,15 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, p
     return out.to(q.dtype)
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float):
-    """Prefill (ops.paged_prefill_attention). Reads the longest query run back to size the grid."""
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len: int,
+                            scale: float):
+    """Prefill (ops.paged_prefill_attention). max_query_len, the most new tokens of any
+    sequence (known on the host when the batch is planned), sizes the grid."""
     total_q, heads, head_dim = q.shape
     batch = block_tables.shape[0]
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     block_m, block_n = _tiles()
-    longest = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    longest = max(1, max_query_len)
     out = torch.empty(q.shape, device=q.device, dtype=_store_dtype(q.dtype))
     _kernels.paged_prefill_kernel[(batch, triton.cdiv(longest, block_m), heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,

@@ -1,0 +1,96 @@
+"""The launchers of fourbit's kernels: check what the kernel needs, allocate, launch.
+
+One module per engine and op family; nothing here chooses between them (dispatch.py does)
+and no user imports them (the ops in ops.py do):
+
+    cpu_int4.py          int4_mm on the C++ CPU kernel (csrc/cpu/, AVX-512 / AVX2 / portable)
+    triton_int4.py       int4_mm on the Triton GEMV / GEMM / dequantize kernels (kernels/)
+    triton_attention.py  write_kv, paged decode and prefill attention on Triton (kernels/)
+    cuda_int4.py         int4_mm on the CUDA tensor-core kernel, its prepacked layout
+    cuda_attention.py    write_kv and paged decode attention on CUDA (csrc/cuda/)
+
+The "torch" backend is reference.py, the executable spec; it runs everywhere.
+This module says which backends exist, which op each implements, and whether one can run
+on a device in this installation.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+try:
+    _C = importlib.import_module("fourbit._C")
+except ImportError as _error:  # the package still works, on the reference backend
+    _C = None
+    warnings.warn(
+        f"fourbit: the compiled extension fourbit._C is not available ({_error}); only the "
+        "'torch' reference backend will run. Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning, stacklevel=2)
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+OPS = ("int4_mm", "write_kv", "paged_attention", "paged_prefill_attention")
+
+# The backends that implement each op, besides the reference ("torch", every op).
+KERNELS = {
+    "int4_mm": ("cpu", "triton", "cuda"),
+    "write_kv": ("triton", "cuda"),
+    "paged_attention": ("triton", "cuda"),
+    "paged_prefill_attention": ("triton",),
+}
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why triton cannot be imported here, or None (triton is an optional dependency)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, which
+    must be set before triton is first imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable(backend: str, device: torch.device, op: str = "int4_mm") -> str | None:
+    """Why `backend` cannot run `op` on `device` here, or None when it can."""
+    device = torch.device(device)
+    if backend == "torch":
+        return None
+    if backend not in BACKENDS:
+        return f"it is not a backend; choose one of {('auto',) + BACKENDS}"
+    if backend not in KERNELS[op]:
+        return f"fourbit has no {backend!r} kernel for {op} (yet)"
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"it runs on CPU tensors and the inputs are on {device}"
+        return None if _C is not None else "the compiled extension fourbit._C is not built"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"it runs on CUDA tensors and the inputs are on {device}"
+        if _C is None or not hasattr(_C, f"{op}_cuda"):
+            return "fourbit._C was built without its CUDA kernels (FOURBIT_CUDA=1 and nvcc build them)"
+        return None
+    # backend == "triton"
+    if triton_import_error() is not None:
+        return f"triton is not importable ({triton_import_error()})"
+    if device.type == "cuda":
+        return None if torch.cuda.get_device_capability(device) >= (8, 0) else "it needs an Ampere or newer GPU"
+    if device.type == "cpu" and interpreted():
+        return None
+    return f"it runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), the inputs are on {device}"
+
+
+def available_backends(device: torch.device | str = "cpu", op: str = "int4_mm") -> list[str]:
+    """The backends that can run `op` (default int4_mm) on `device` in this installation."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
+    return [b for b in BACKENDS if unavailable(b, torch.device(device), op) is None]

@@ -105,5 +105,6 @@ def test_int4_matmul(benchmark, shape, m, dtype, provider):
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     us, weight_bytes = measure_us(benchmark, lambda: make_call(provider, x, n, k))
     moved = weight_bytes + x.numel() * x.element_size() + m * n * x.element_size()
-    record(benchmark, "int4_matmul", provider, us, moved, dict(shape=f"{n}x{k}", m=m, dtype=str(dtype).split(".")[-1]),
-           flops=2 * m * n * k, weight_bytes=weight_bytes, n=n, k=k, auto_backend=fourbit.choose_backend(DEVICE, dtype, m, n, k))
+    case = dict(shape=f"{n}x{k}", m=m, dtype=str(dtype).split(".")[-1])
+    record(benchmark, "int4_matmul", provider, us, moved, case, flops=2 * m * n * k, weight_bytes=weight_bytes,
+           n=n, k=k, auto_backend=fourbit.choose_backend(DEVICE, dtype, m, n, k))

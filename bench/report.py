@@ -190,7 +190,8 @@ def report(rows: list[dict], command: str, plots: str | None) -> str:
     decode = by_op["decode"] + by_op["model_memory"]
     if decode:
         parts += ["\n## End-to-end decode\n", "Tokens per second per sequence, decoding 64 tokens (4 for the 7B memory "
-                  "case) after a 32-token prompt, prefill excluded; baseline: the same model with float weights.\n", decode_table(decode)]
+                  "case) after a 32-token prompt, prefill excluded; baseline: the same model with float weights.\n",
+                  decode_table(decode)]
     return "\n".join(parts) + "\n"
 
 

@@ -14,7 +14,6 @@ Writes, for a device named e.g. "cpu" or "nvidia-h100-80gb-hbm3":
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys

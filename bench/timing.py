@@ -19,7 +19,7 @@ import os
 import statistics
 import subprocess
 import time
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -88,7 +88,7 @@ def measure_us(benchmark, make) -> tuple[float, int]:
     return benchmark.stats.stats.median * 1e6, nbytes
 
 
-@lru_cache(maxsize=None)
+@cache
 def copy_bandwidth_gbs(device_str: str) -> float:
     """Copy bandwidth (bytes read + written per second) of this device, measured now: the
     reference for "% of copy bandwidth" in every table."""
@@ -109,7 +109,7 @@ def copy_bandwidth_gbs(device_str: str) -> float:
     return 2 * size / (us * 1e-6) / 1e9
 
 
-@lru_cache(maxsize=None)
+@cache
 def environment(device_str: str) -> dict:
     """Device, driver, versions and commit, stored with every result."""
     device = torch.device(device_str)

@@ -75,7 +75,8 @@ class TinyLM(torch.nn.Module):
         b, t, d = h.shape
         for layer in self.layers:
             x = layer.input_layernorm(h)
-            q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+            projections = (layer.q_proj, layer.k_proj, layer.v_proj)
+            q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in projections)
             a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             h = h + layer.o_proj(a.transpose(1, 2).reshape(b, t, d))
             x = layer.post_attention_layernorm(h)

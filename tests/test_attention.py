@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fourbit
+from conftest import backend_cases, need
 from fourbit import ops
 from fourbit.kv_cache import PagedBatch
-from conftest import backend_cases, need
 from helpers import DTYPES, relative_error
 
 OP_OF = {"decode": "paged_attention", "prefill": "paged_prefill_attention"}

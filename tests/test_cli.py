@@ -29,7 +29,7 @@ def test_eval_prints_a_perplexity(smollm, smollm_path, capsys, tmp_path):
     """The printed perplexity is fourbit.perplexity of the model on the file's tokens over the
     windows asked for: a wrong text, window, window count or model changes the number."""
     text = tmp_path / "t.txt"
-    text.write_text(("The quick brown fox jumps over the lazy dog. " * 40))
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     main(["eval", "--text", str(text), "--window", "64", "--windows", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.startswith("perplexity ") and "over 2 windows of 64 tokens" in out

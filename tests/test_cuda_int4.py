@@ -102,7 +102,7 @@ def emulate_kernel(x, packed, scales_t, offsets_t, n, group_len):
             for j in range(4):
                 kk = chunk * 64 + 16 * j
                 group = 0 if shift < 0 else min(kk >> shift, groups - 1)
-                scale = lambda r, table: torch.where(r < n, table[group, r.clamp(max=n - 1)].float(), 0.0)
+                scale = lambda r, table, group=group: torch.where(r < n, table[group, r.clamp(max=n - 1)].float(), 0.0)
                 s_lo, m_lo, s_hi, m_hi = scale(rows, scales_t), scale(rows, offsets_t), \
                     scale(rows + 8, scales_t), scale(rows + 8, offsets_t)
                 word = words[n16, chunk, :, j]

@@ -35,7 +35,8 @@ def test_pack_extremes_use_the_sign_bit():
 
 
 @pytest.mark.parametrize("k,group_size,expected", [
-    (4096, 128, 4096), (576, 128, 640), (1000, 32, 1024), (1000, -1, 1000), (1001, -1, 1008), (11008, 256, 11008), (11000, 256, 11008)])
+    (4096, 128, 4096), (576, 128, 640), (1000, 32, 1024), (1000, -1, 1000), (1001, -1, 1008), (11008, 256, 11008),
+    (11000, 256, 11008)])
 def test_padded_k(k, group_size, expected):
     assert padded_k(k, group_size) == expected
 

@@ -5,14 +5,14 @@ import contextlib
 import sys
 from pathlib import Path
 
+import fourbit.kernels
 import pytest
 import torch
 
 import fourbit
-import fourbit.kernels
+from conftest import need
 from fourbit.generate import sample
 from fourbit.models import PagedContext
-from conftest import need
 from helpers import relative_error
 
 PROMPTS = [[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198], [19556, 905],

@@ -10,7 +10,6 @@ import torch
 
 import fourbit
 from fourbit.evaluate import default_text, perplexity
-from fourbit.models.gguf import GGUFCheckpoint
 from helpers import relative_error, sqnr_db
 
 transformers = pytest.importorskip("transformers")

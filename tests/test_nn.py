@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import fourbit
-from fourbit.format import GROUP_SIZES
 from conftest import backend_cases, need
+from fourbit.format import GROUP_SIZES
 from helpers import DTYPES, TinyLM, assert_matmul_accuracy, sqnr_db
 
 

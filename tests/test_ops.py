@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import fourbit
+from conftest import backend_cases, need
 from fourbit import ops
 from fourbit.format import GROUP_SIZES
-from conftest import backend_cases, need
 from helpers import DTYPES, assert_matmul_accuracy, random_int4_weight
 
 # Every (device, backend) pair with an int4 kernel; Triton on the CPU runs in test_triton.py

@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import fourbit
 from fourbit.format import GROUP_SIZES

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import fourbit
+from conftest import DEVICES
 from fourbit import dispatch
 from fourbit.backends import triton_import_error, triton_int4
 from fourbit.format import GROUP_SIZES
-from conftest import DEVICES
 from helpers import DTYPES, assert_matmul_accuracy, random_int4_weight
 
 pytestmark = pytest.mark.skipif(triton_import_error() is not None, reason="triton is not installed")

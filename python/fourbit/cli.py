@@ -31,7 +31,10 @@ DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
 
 
 def _chat_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+    """The prompt ids of one user message in the model's chat template. The template writes
+    any BOS itself, so the tokenizer adds none (as transformers' apply_chat_template does)."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def _stop_tokens(tokenizer, model) -> list[int]:
@@ -78,7 +81,7 @@ def demo(args) -> None:
 def generate_cmd(args) -> None:
     model = _load(args)
     tokenizer = load_tokenizer(args.model)
-    chat = args.chat and tokenizer.token_id("<|im_start|>") is not None
+    chat = args.chat and tokenizer.chat_template is not None
     prompt = _chat_ids(tokenizer, args.prompt) if chat else tokenizer.encode(args.prompt)
     out = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop_tokens=_stop_tokens(tokenizer, model), seed=args.seed)[0]

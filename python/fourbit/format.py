@@ -166,7 +166,7 @@ class Int4Weight:
         """The float matrix [N, K] this weight stands for, computed in fp32."""
         return dequantize(self.qweight, self.scales, self.offsets, self.group_len, self.shape[1], dtype)
 
-    def to(self, device) -> "Int4Weight":
+    def to(self, device) -> Int4Weight:
         return Int4Weight(self.qweight.to(device), self.scales.to(device), self.offsets.to(device),
                           self.group_size, self.shape, self.symmetric)
 
@@ -181,7 +181,8 @@ def concat_rows(weights: list[Int4Weight]) -> Int4Weight:
     carries its own words, scales and offsets. All must share K, group size and dtype."""
     first = weights[0]
     for w in weights[1:]:
-        if (w.shape[1], w.group_size, w.dtype, w.device) != (first.shape[1], first.group_size, first.dtype, first.device):
+        key = lambda v: (v.shape[1], v.group_size, v.dtype, v.device)  # noqa: E731
+        if key(w) != key(first):
             raise ValueError(f"cannot concatenate {w} with {first}: K, group size, dtype and device must match")
     cat = lambda name: torch.cat([getattr(w, name) for w in weights])
     return Int4Weight(cat("qweight"), cat("scales"), cat("offsets"), first.group_size,
@@ -236,7 +237,8 @@ def unpack_mma(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Inverse of prepack_mma: q uint8 [n, k] (the padding dropped)."""
     n16, words = packed.shape
     k_pad = words // 128 * 64
-    nibbles = (packed.to(torch.int64).view(n16, k_pad // 64, 32, 4, 1) >> (4 * torch.arange(8, device=packed.device))) & 0xF
+    shifts = 4 * torch.arange(8, device=packed.device)
+    nibbles = (packed.to(torch.int64).view(n16, k_pad // 64, 32, 4, 1) >> shifts) & 0xF
     q = torch.empty(n16 * 16, k_pad, dtype=torch.uint8, device=packed.device)
     _mma_view(q).copy_(nibbles.view(n16, k_pad // 64, 8, 4, 4, 2, 2, 2))
     return q[:n, :k]

@@ -2,8 +2,9 @@
 
 Each step plans its batch once (PagedKVCache.plan: pages appended, index tables built and
 checked on the host, uploaded once) and runs the model on the new tokens of every active
-sequence (models/llama.py, PagedContext); no layer reads anything back. Prefill steps take up to `prefill_chunk` prompt tokens from as many
-sequences as fit, decode steps one token from each. Prompts that start with blocks already
+sequence (models/llama.py, PagedContext); no layer reads anything back. Prefill steps take
+up to `prefill_chunk` prompt tokens from as many sequences as fit, decode steps one token
+from each. Prompts that start with blocks already
 in the cache's prefix cache skip them. A sequence that stops frees its pages at once. On a
 GPU the decode step is captured in a CUDA graph per batch-size bucket and replayed.
 """
@@ -202,7 +203,8 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
                 try:
                     logits = graphs.run(input_ids, positions, step)
                 except RuntimeError as error:  # a capture that fails costs speed, not the result
-                    warnings.warn(f"fourbit.generate: CUDA graph capture failed ({error}); decoding eagerly")
+                    warnings.warn(f"fourbit.generate: CUDA graph capture failed ({error}); decoding eagerly",
+                                  stacklevel=2)
                     graphs = None
             if logits is None:
                 logits = model(input_ids, positions, PagedContext(cache, step, backend))

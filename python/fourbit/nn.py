@@ -6,11 +6,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .format import (COMPUTE_DTYPES, Int4Weight, check_group_size, group_len, padded_k, prepack_mma_weight,
-                     unpack_mma_weight)
+from .format import (
+    COMPUTE_DTYPES,
+    Int4Weight,
+    check_group_size,
+    group_len,
+    padded_k,
+    prepack_mma_weight,
+    unpack_mma_weight,
+)
 from .kv_cache import PagedBatch
-from .ops import (BACKENDS, check_activation, linear, paged_attention, paged_prefill_attention,
-                  write_kv)
+from .ops import BACKENDS, check_activation, linear, paged_attention, paged_prefill_attention, write_kv
 from .quantize import Int4WeightOnlyConfig, as_config, quantize_weight
 
 
@@ -55,7 +61,7 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear_module: nn.Linear, group_size: int = 128, symmetric: bool = False,
-                    backend: str = "auto") -> "Int4Linear":
+                    backend: str = "auto") -> Int4Linear:
         """Quantize an nn.Linear (round to nearest); scales keep the linear's dtype."""
         w = linear_module.weight
         if w.device.type == "meta":

@@ -148,7 +148,7 @@ class Int4WeightOnlyConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
 
     @classmethod
-    def from_dict(cls, options: Mapping) -> "Int4WeightOnlyConfig":
+    def from_dict(cls, options: Mapping) -> Int4WeightOnlyConfig:
         """The config a mapping of field names to values describes (missing fields keep their
         defaults); an unknown key raises TypeError naming it and the closest field."""
         names = [f.name for f in fields(cls)]

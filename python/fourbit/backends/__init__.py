@@ -16,8 +16,8 @@ on a device in this installation.
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -44,14 +44,15 @@ KERNELS = {
 }
 
 
-@functools.cache
+# Whether triton (an optional dependency) is installed: looked up once, without importing it
+# (importing is slow, and must follow TRITON_INTERPRET). A constant, so torch.compile traces
+# through unavailable() without graph breaks.
+_TRITON_MISSING = None if importlib.util.find_spec("triton") else "no module named 'triton'"
+
+
 def triton_import_error() -> str | None:
-    """Why triton cannot be imported here, or None (triton is an optional dependency)."""
-    try:
-        importlib.import_module("triton")
-    except ImportError as error:
-        return str(error)
-    return None
+    """Why triton cannot be used here (it is not installed), or None."""
+    return _TRITON_MISSING
 
 
 def interpreted() -> bool:

@@ -12,7 +12,6 @@ rotate-half pairs of Hugging Face checkpoints for every source.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -35,7 +35,8 @@ class HFCheckpoint:
         self.config = read_config(self.directory)
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            self._files = {name: self.directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: self.directory / file for name, file in weight_map.items()}
         else:
             self._files = {}
             for file in sorted(self.directory.glob("*.safetensors")):

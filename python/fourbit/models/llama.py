@@ -55,7 +55,7 @@ class LlamaConfig:
                  "num_kv_heads": "num_key_value_heads"}
 
     @classmethod
-    def from_hf(cls, config: dict) -> "LlamaConfig":
+    def from_hf(cls, config: dict) -> LlamaConfig:
         """From a Hugging Face config.json (llama, mistral, qwen2 model types)."""
         model_type = config.get("model_type", "llama")
         if model_type not in ("llama", "mistral", "qwen2"):

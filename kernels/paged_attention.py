@@ -4,9 +4,10 @@ Layout (python/fourbit/kv_cache.py): K and V pages [num_blocks, PAGE, Hkv, D] (N
 block_tables int32 [B, max_blocks]; token t of sequence b is at page
 block_tables[b, t // PAGE], row t % PAGE; slot_mapping int64 [T] = page * PAGE + row.
 
-Every index read from a tensor (slot, page) is clamped or masked against the cache's size,
-so wrong tables give wrong numbers but never a read or write outside the cache. The ops
-check the values before launching wherever they can (python/fourbit/ops.py).
+Every index read from a tensor (slot, page, query row) is clamped or masked against the size
+of what it indexes, so wrong tables give wrong numbers but never a read or write outside the
+cache, q or out. The values are checked once per step, when its PagedBatch is built
+(python/fourbit/kv_cache.py); the kernels do not rely on it.
 
 - write_kv_kernel: one program per token copies its [Hkv, D] keys and values to its slot.
 - paged_decode_kernel: flash-decoding. Program (b, kv head, split) handles one partition
@@ -143,8 +144,9 @@ def paged_decode_merge_kernel(
     s_mask = offs_s < num_splits
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
-    w = tl.exp2(lse - lse_max)
-    w = w / tl.sum(w, axis=0)
+    # Every partition empty (a sequence of length 0): weights 0, output 0, not NaN.
+    w = tl.where(lse_max == float("-inf"), 0.0, tl.exp2(lse - lse_max))
+    w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     part = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
@@ -156,7 +158,7 @@ def paged_decode_merge_kernel(
 @triton.jit
 def paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, qsl_ptr, out_ptr,
-    scale, num_blocks, max_blocks,
+    scale, num_blocks, max_blocks, total_q,
     stride_qt, stride_qh,
     stride_page, stride_row, stride_head,
     stride_btb,
@@ -173,11 +175,14 @@ def paged_prefill_kernel(
         seq_len = tl.minimum(tl.load(sl_ptr + b), max_blocks * PAGE)
         context = seq_len - num_new                          # tokens cached before the new ones
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < num_new
+        # Rows of q this block reads and writes: within the sequence's new tokens and, whatever
+        # query_start_loc holds, within q's total_q rows (never outside q or out).
+        rows = q_start + offs_m
+        m_mask = (offs_m < num_new) & (rows >= 0) & (rows < total_q)
         pos = context + offs_m                               # each query's position in the sequence
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         qk_scale = scale * 1.4426950408889634
         kvh = h // GROUP
@@ -195,5 +200,5 @@ def paged_prefill_kernel(
             visible = t_mask[None, :] & (offs_t[None, :] <= pos[:, None])
             m_i, l_i, acc = _online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, FP32_DOT)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+        o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])

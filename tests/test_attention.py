@@ -360,3 +360,70 @@ def test_paged_kv_cache_serves_prefill_and_decode(device, backend):
         check(step, q, ["a", "b", "c"], backend)
     assert cache.blocks("a")[:2] == cache.blocks("b")[:2] == cache.blocks("c")[:2]
     assert cache.blocks("a")[-1] != cache.blocks("c")[-1]
+
+
+# ---- whatever the tables hold, no kernel reads or writes outside its tensors ----
+
+def guarded(shape, dtype, device, pad=64):
+    """A random tensor of shape that is a view into a larger one with sentinel values before
+    and after it: a write outside the view changes a sentinel."""
+    n = math.prod(shape)
+    storage = torch.full((n + 2 * pad,), 7.0, dtype=dtype, device=device)
+    storage[pad:pad + n] = torch.randn(n, device=device).to(dtype)
+    return storage, storage[pad:pad + n].view(shape)
+
+
+def sentinels_intact(storage, pad=64):
+    return bool((storage[:pad] == 7.0).all() and (storage[-pad:] == 7.0).all())
+
+
+BAD_TABLES = {
+    "pages-out-of-range": dict(block_tables=[[99, -5, 3], [2**30, 0, 1]]),
+    "seq-lens-past-capacity": dict(seq_lens=[10**6, -3]),
+    "query-start-loc-past-q": dict(query_start_loc=[0, 4000, 4005]),
+    "query-start-loc-negative": dict(query_start_loc=[-100, 2, 5]),
+    "slots-out-of-range": dict(slot_mapping=[10**9, -7, 3, 2**40, 5]),
+}
+
+
+@pytest.mark.parametrize("device,backend", backend_cases("paged_prefill_attention"))
+@pytest.mark.parametrize("bad", BAD_TABLES.values(), ids=BAD_TABLES.keys())
+def test_bad_tables_never_reach_outside_memory(bad, device, backend):
+    """A PagedBatch made directly is trusted (no value checks: a caller who bypasses
+    from_tensors, or tensors changed in place through an alias after the check). Whatever it
+    holds, write_kv and prefill / decode attention neither crash nor write outside the cache,
+    q or out (sentinels around every tensor stay intact); the Triton interpreter raises on
+    any access outside a tensor, so this also covers reads there."""
+    need(device, backend, "paged_prefill_attention")
+    num_blocks, block, kv_heads, heads, head_dim = 6, 8, 2, 4, 64
+    k_store, k_cache = guarded((num_blocks, block, kv_heads, head_dim), torch.float32, device)
+    v_store, v_cache = guarded((num_blocks, block, kv_heads, head_dim), torch.float32, device)
+    tensors = dict(slot_mapping=[0, 1, 2, 3, 4], block_tables=[[0, 1, 2], [3, 4, 5]], seq_lens=[10, 7],
+                   query_start_loc=[0, 2, 5])
+    tensors.update(bad)
+    dtypes = dict(slot_mapping=torch.int64, block_tables=torch.int32, seq_lens=torch.int32,
+                  query_start_loc=torch.int32)
+    t = {name: torch.tensor(v, dtype=dtypes[name], device=device) for name, v in tensors.items()}
+    q_store, q = guarded((5, heads, head_dim), torch.float32, device)
+    kv = torch.randn(5, kv_heads, head_dim, device=device)
+    prefill = PagedBatch(t["slot_mapping"], t["block_tables"], t["seq_lens"], t["query_start_loc"], 5, 10,
+                         num_blocks, block)
+    fourbit.write_kv(kv, kv, k_cache, v_cache, prefill, backend=backend)
+    fourbit.paged_prefill_attention(q, k_cache, v_cache, prefill, backend=backend)
+    decode = PagedBatch(t["slot_mapping"][:2], t["block_tables"], t["seq_lens"],
+                        torch.arange(3, dtype=torch.int32, device=device), 1, 10, num_blocks, block)
+    fourbit.paged_attention(q[:2], k_cache, v_cache, decode, backend=backend)
+    assert sentinels_intact(k_store) and sentinels_intact(v_store) and sentinels_intact(q_store)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases("paged_attention"))
+def test_a_sequence_of_length_zero_attends_to_nothing(device, backend):
+    """A trusted batch with seq_lens 0 (a padded row) gives zeros, not NaN, on every backend."""
+    need(device, backend, "paged_attention")
+    s = PagedSetup([5, 9], 2, 64, 16, torch.float32, device)
+    s.seq_lens[0] = 0
+    batch = PagedBatch(torch.full((2,), -1, device=device), s.block_tables, s.seq_lens,
+                       torch.arange(3, dtype=torch.int32, device=device), 1, 9, s.k_cache.shape[0], 16)
+    q = torch.randn(2, 4, 64, device=device)
+    out = fourbit.paged_attention(q, s.k_cache, s.v_cache, batch, backend=backend)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out[1]).all()

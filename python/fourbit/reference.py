@@ -43,15 +43,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k_cache, v_cache: contiguous [num_blocks, block_size, num_kv_heads, head_dim].
         slot_mapping: int64 [T]; slot = page * block_size + row, -1 skips the token.
     """
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * k_cache.shape[1])  # others write nowhere
     slots = slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
 def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """Every token slot of each sequence's pages: [B, max_blocks * block_size, num_kv_heads, head_dim]."""
-    return cache[block_tables.long()].flatten(1, 2)
+    """Every token slot of each sequence's pages: [B, max_blocks * block_size, num_kv_heads, head_dim].
+    Pages are clamped into the cache, as the kernels clamp them: bad tables read wrong pages,
+    never outside the cache (entries past a sequence's length are masked out anyway)."""
+    return cache[block_tables.long().clamp(0, cache.shape[0] - 1)].flatten(1, 2)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
@@ -75,7 +77,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     k, v = _gather_pages(k_cache, block_tables), _gather_pages(v_cache, block_tables)
     visible = torch.arange(k.shape[1], device=q.device)[None, None, :] < seq_lens[:, None, None]   # [B, 1, L]
-    return _attend(q[:, None], k, v, visible, scale)[:, 0]
+    out = _attend(q[:, None], k, v, visible, scale)[:, 0]
+    return torch.where((seq_lens > 0)[:, None, None], out, 0.0)  # no key to attend to: 0, as the kernels give
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -100,14 +103,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     total_q, device = q.shape[0], q.device
     starts, new = query_start_loc[:-1].long(), (query_start_loc[1:] - query_start_loc[:-1]).long()
     rows = torch.arange(max_query_len, device=device)
-    token = (starts[:, None] + rows).clamp(max=max(total_q - 1, 0))               # [B, max_query_len]
+    token = starts[:, None] + rows                                                 # [B, max_query_len]
+    inside = (rows[None, :] < new[:, None]) & (token >= 0) & (token < total_q)   # never outside q
     position = (seq_lens - new)[:, None] + rows
     k, v = _gather_pages(k_cache, block_tables), _gather_pages(v_cache, block_tables)
     visible = torch.arange(k.shape[1], device=device)[None, None, :] <= position[:, :, None]       # [B, T, L]
-    out = _attend(q[token], k, v, visible, scale)
+    out = _attend(q[token.clamp(0, max(total_q - 1, 0))], k, v, visible, scale)
     # Scatter the real rows back to their tokens; padding rows go to a spare row past the end
     # (an index, not a boolean mask: no data-dependent shape, so no host synchronization).
-    target = torch.where(rows[None, :] < new[:, None], token, total_q)
+    target = torch.where(inside, token, total_q)
     result = q.new_empty((total_q + 1, *q.shape[1:]))
     result.index_copy_(0, target.flatten(), out.flatten(0, 1))
     return result[:total_q]

@@ -108,7 +108,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_s
     out = torch.empty(q.shape, device=q.device, dtype=_store_dtype(q.dtype))
     _kernels.paged_prefill_kernel[(batch, triton.cdiv(longest, block_m), heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-        scale, k_cache.shape[0], block_tables.shape[1],
+        scale, k_cache.shape[0], block_tables.shape[1], total_q,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),

@@ -1,25 +1,40 @@
 """Save and load quantized models as safetensors (never pickle).
 
 A checkpoint is one .safetensors file, or, above `max_shard_bytes`, shards
-`<stem>-00001-of-0000N.safetensors` beside an index `<path>.index.json` (the Hugging Face
-layout). Every file carries the same metadata:
+`<stem>-00001-of-0000N-<checkpoint_id>.safetensors` beside an index `<path>.index.json`
+(the Hugging Face layout; the id in the names means a save never overwrites a shard the
+previous checkpoint still uses). Every file carries the same metadata:
 
     format          "fourbit"
     format_version  FORMAT_VERSION of format.py
     quantized       JSON {module name: {group_size, symmetric, in_features, out_features}}
     aliases         JSON {state-dict name: stored name} for tensors shared in the model
                     (tied embeddings are stored once)
+    checkpoint_id   sharded only: a random id of the save; every shard carries its index's
 
 Int4Linear layers are stored in the canonical packing (qweight, scales, offsets).
-Files are written to a temporary name and renamed, so a checkpoint is never half-written;
-load_quantized checks every name, shape and dtype before it changes the model, so a
-model is never half-loaded.
+
+Saves are atomic as a whole. Each file is written under a hidden temporary name, flushed
+to disk and renamed into place. The new checkpoint replaces the old in one step, the
+commit: the rename of the single file; for shards, the rename of the index (written after
+every shard), then the removal of a single file at `<path>`, which load would read first.
+Until then the previous checkpoint is untouched and loads, and a failed save removes what
+it wrote. Only after the commit are the previous checkpoint's files removed: its shards,
+the other layout's file or index, temporaries of a killed save. Saves into one directory
+take turns (a lock on it, where the OS has flock).
+
+load_quantized checks every name, shape and dtype, and that all shards come from one
+save, before it changes the model, so a model is never half-loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,8 +42,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .format import FORMAT_VERSION
+from .format import COMPUTE_DTYPES, FORMAT_VERSION
 from .nn import Int4Linear, _set_submodule
+
+try:
+    import fcntl
+except ImportError:  # Windows: saves into one directory are not serialized
+    fcntl = None
 
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 
@@ -39,30 +59,121 @@ def _quantized_modules(model: nn.Module) -> dict[str, dict]:
             for name, m in model.named_modules() if isinstance(m, Int4Linear)}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+# -- writing files atomically -------------------------------------------------------------
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames in directory durable (a renamed file survives a power loss)."""
+    if os.name == "posix":
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) under the hidden name `.<name>.tmp-<pid>` beside path, flush it to disk and
+    rename it to path: readers see the old file or the new one, never a part. On any failure
+    (a full disk, KeyboardInterrupt) the temporary is removed and path is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace the text file at path in one step (see _write_atomic): a config written beside
+    a checkpoint is never seen half-written."""
+    path = Path(path)
+    _write_atomic(path, lambda tmp: tmp.write_text(text))
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on directory, so that two processes saving one checkpoint take
+    turns instead of removing each other's new files as stale."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: save unserialized
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _stale_pattern(path: Path) -> re.Pattern:
+    """Names of the files a save to path may leave behind: shards of any earlier save (with or
+    without a checkpoint id), the single file and the index, and their temporaries."""
+    stem, name = re.escape(path.name[: -len(".safetensors")]), re.escape(path.name)
+    shard = rf"{stem}-\d{{5}}-of-\d{{5}}(?:-[0-9a-f]{{16}})?\.safetensors"
+    return re.compile(rf"{shard}|{name}|{name}\.index\.json|\.(?:{shard}|{name}|{name}\.index\.json)\.tmp-\d+")
+
+
+def _remove_stale(path: Path, keep: set[str]) -> None:
+    """After a commit: remove every file of an earlier checkpoint at path (see _stale_pattern)
+    that the new one (the names in keep) does not use."""
+    pattern = _stale_pattern(path)
+    for file in path.parent.iterdir():
+        if file.name not in keep and pattern.fullmatch(file.name):
+            file.unlink(missing_ok=True)
+
+
+def _save_shards(shards: list[dict[str, torch.Tensor]], path: Path, metadata: dict[str, str]) -> list[Path]:
+    """Write shards under new names, then the index, then remove a single file at path: that
+    removal, or the index's rename where there was none, commits the save."""
+    metadata = dict(metadata, checkpoint_id=secrets.token_hex(8))
+    stem, count = path.name[: -len(".safetensors")], len(shards)
+    files = [path.with_name(f"{stem}-{i:05d}-of-{count:05d}-{metadata['checkpoint_id']}.safetensors")
+             for i in range(1, count + 1)]
+    index = path.with_name(path.name + ".index.json")
+    weight_map = {name: file.name for file, shard in zip(files, shards) for name in shard}
+    written: list[Path] = []
+    try:
+        for file, shard in zip(files, shards):
+            _write_atomic(file, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
+            written.append(file)
+        _fsync_dir(path.parent)  # every shard is durable before the index names it
+        text = json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=1)
+        _write_atomic(index, lambda tmp: tmp.write_text(text))
+    except BaseException:
+        for file in written:  # nothing names them: the previous checkpoint is as it was
+            file.unlink(missing_ok=True)
+        raise
+    path.unlink(missing_ok=True)
+    return files + [index]
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
-    """Write model's state (Int4Linear layers in the canonical format) to safetensors.
+    """Write model's state (Int4Linear layers in the canonical format) to safetensors,
+    atomically: the previous checkpoint at path, single-file or sharded, loads until the new
+    one is complete, and its files are removed after (see the module docstring).
 
     Args:
         model: a model, usually after quantize_.
         path: the .safetensors file to write; above max_shard_bytes, shards are written
             beside it with an index at `<path>.index.json` instead.
-        max_shard_bytes: largest shard size in bytes.
+        max_shard_bytes: largest shard size in bytes, a positive int.
     Returns:
         The files written (shards, then the index when sharded).
+    Raises:
+        ValueError: a path not ending in .safetensors, a bad max_shard_bytes, or a tensor
+            on the meta device. OSError from the file system (a full disk): the previous
+            checkpoint is left as it was.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         if t.device.type == "meta":
@@ -87,21 +198,18 @@ def save_quantized(model: nn.Module, path: str | os.PathLike,
         shards[-1][name] = t
         size += nbytes
     path.parent.mkdir(parents=True, exist_ok=True)
-    if len(shards) == 1:
-        _atomic_save(shards[0], path, metadata)
-        return [path]
-    stem, written, weight_map = path.name[: -len(".safetensors")], [], {}
-    for i, shard in enumerate(shards, 1):
-        shard_path = path.with_name(f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors")
-        _atomic_save(shard, shard_path, metadata)
-        weight_map.update({name: shard_path.name for name in shard})
-        written.append(shard_path)
-    index = path.with_name(path.name + ".index.json")
-    tmp = index.with_name(f".{index.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=1))
-    os.replace(tmp, index)
-    return written + [index]
+    with _directory_lock(path.parent):
+        if len(shards) == 1:
+            _write_atomic(path, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
+            written = [path]
+        else:
+            written = _save_shards(shards, path, metadata)
+        _fsync_dir(path.parent)  # the commit is durable before the old files go
+        _remove_stale(path, {file.name for file in written})
+    return written
 
+
+# -- loading ------------------------------------------------------------------------------
 
 def _checkpoint_files(path: Path) -> tuple[dict[str, str], dict[str, Path]]:
     """(metadata, {tensor name: file}) of a single-file or sharded checkpoint."""
@@ -128,18 +236,49 @@ def _read_metadata(metadata: dict[str, str], path: Path) -> tuple[dict, dict]:
     return json.loads(metadata.get("quantized", "{}")), json.loads(metadata.get("aliases", "{}"))
 
 
+def _read_tensors(path: Path, metadata: dict[str, str], files: dict[str, Path],
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors files maps, each from its file; every shard must carry the index's metadata
+    (its checkpoint_id: one save) and hold the tensors the index puts in it."""
+    loaded: dict[str, torch.Tensor] = {}
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                file_metadata = f.metadata() or {}
+                names = [name for name in files if files[name] == file]
+                missing = sorted(set(names) - set(f.keys()))
+                tensors = {name: f.get_tensor(name) for name in names if name not in missing}
+        except Exception as error:
+            raise ValueError(f"could not read the tensors of {path}: {error}") from error
+        if file != path and file_metadata != metadata:
+            raise ValueError(f"{path}: shard {file.name} is not from the save its index describes "
+                             f"(checkpoint_id {file_metadata.get('checkpoint_id')!r}, the index has "
+                             f"{metadata.get('checkpoint_id')!r}): the checkpoint mixes two saves")
+        if missing:
+            raise ValueError(f"{path}: the index puts tensors {missing[:8]} in {file.name}, which does not hold them")
+        loaded.update(tensors)
+    return loaded
+
+
 def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn.Module:
     """Load a checkpoint written by save_quantized into model, in place.
 
     The layers the checkpoint lists as quantized are swapped for Int4Linear first, so model
     may be the float architecture built on the meta device (`with torch.device("meta"):`):
     its float weights are never materialized. Every tensor name, shape and dtype is checked
-    before the model changes.
+    before the model changes: integer tensors (qweight: int32 [out_features, K_padded / 8])
+    must have the model's dtype; float tensors load in their stored dtype, and each
+    Int4Linear's scales and offsets ([out_features, num_groups]) share one compute dtype
+    (fp32, bf16 or fp16).
 
     Args:
         model: the architecture the checkpoint was saved from (meta, CPU or CUDA).
         path: the .safetensors file, or its sharded form's base path or index.
         device: where the loaded tensors go (default: CPU).
+    Raises:
+        FileNotFoundError: no checkpoint at path. ValueError: an unreadable or foreign
+            file, shards of two saves, or a tensor missing, unexpected, or of the wrong
+            shape or dtype, each named; the model is then unchanged.
     Returns:
         model.
     """
@@ -173,25 +312,27 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
                          f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {extra[:8]}"
                          f"{' ...' if len(extra) > 8 else ''}")
 
-    loaded: dict[str, torch.Tensor] = {}
-    try:
-        for file in sorted(set(files.values())):
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    if files.get(name) == file:
-                        loaded[name] = f.get_tensor(name)
-    except Exception as error:
-        raise ValueError(f"could not read the tensors of {path}: {error}") from error
+    loaded = _read_tensors(path, metadata, files, device)
     for name, target in aliases.items():
         if target not in loaded:
             raise ValueError(f"{path}: alias {name!r} points to {target!r}, which is not stored")
         loaded[name] = loaded[target]
     for name, t in loaded.items():
-        # Shapes must match; float tensors load in their stored dtype (assign=True below).
+        # Shapes must match, integer dtypes too; float tensors load in their stored dtype
+        # (assign=True below).
         want = expected[name]
-        if tuple(t.shape) != tuple(want.shape) or t.dtype.is_floating_point != want.dtype.is_floating_point:
+        dtype_ok = t.dtype.is_floating_point if want.dtype.is_floating_point else t.dtype == want.dtype
+        if tuple(t.shape) != tuple(want.shape) or not dtype_ok:
             raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, the model "
                              f"expects {want.dtype} {tuple(want.shape)}")
+    for name in swaps:  # the int4 format's rule for the float tensors of a layer
+        scales, offsets = loaded[f"{name}.scales"], loaded[f"{name}.offsets"]
+        if scales.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"{path}: tensor '{name}.scales' is {scales.dtype}; int4 scales are one "
+                             f"of {COMPUTE_DTYPES}")
+        if offsets.dtype != scales.dtype:
+            raise ValueError(f"{path}: tensor '{name}.offsets' is {offsets.dtype} but '{name}.scales' "
+                             f"is {scales.dtype}: a layer's scales and offsets share one dtype")
 
     # Everything checked: now change the model.
     for name, module in swaps.items():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_quantized, save_quantized
+from ..checkpoint import load_quantized, save_quantized, write_text_atomic
 from ..format import Int4Weight, concat_rows
 from ..nn import Int4Linear
 from ..quantize import Int4WeightOnlyConfig, as_config, quantize_weight
@@ -191,7 +191,7 @@ def save_model(model: Llama, directory, tokenizer=None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_quantized(model, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(model.config.to_hf(), indent=1))
+    write_text_atomic(directory / "config.json", json.dumps(model.config.to_hf(), indent=1))
     if tokenizer is not None:
         tokenizer.to_hf(directory)
     return directory

@@ -5,6 +5,7 @@ several Llama-family architectures, quantize-while-loading, and fourbit's own di
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,192 @@ def test_quantize_option_errors_name_the_problem(tmp_path):
         fourbit.load_model(tmp_path, device="cpu", quantize=dict(method="gptq"))
     with pytest.raises(TypeError, match="quantize must be"):
         fourbit.load_model(tmp_path, device="cpu", quantize=0)
+
+
+# ---- every tensor a loader reads is checked, by the name the checkpoint gives it ----
+
+def tampered_hf_directory(directory, kind: str, changes: dict):
+    """A tiny model's directory with some tensors changed: {name: f(tensor) -> tensor, or None
+    to leave the tensor out}."""
+    from safetensors.torch import load_file, save_file
+    tiny_hf_model(kind).save_pretrained(directory)
+    file = str(directory / "model.safetensors")
+    state = load_file(file)
+    for name, change in changes.items():
+        assert name in state, name
+        state[name] = change(state[name])
+    save_file({n: t.contiguous() for n, t in state.items() if t is not None}, file, metadata={"format": "pt"})
+    return directory
+
+
+# (kind, {tensor: change}, the error's message). The tiny llama3: hidden 64, 4 heads and 2 kv
+# heads of 16, intermediate 160, vocabulary 300, a separate head; qwen2 ties it and has biases.
+BAD_HF_TENSORS = {
+    "norm-[1]": ("llama3", {"model.norm.weight": lambda t: t[:1]},
+                 r"'model.norm.weight' has shape \(1,\); the model expects \(64,\)"),
+    "layer-norm-[1]": ("llama3", {"model.layers.1.post_attention_layernorm.weight": lambda t: t[:1]},
+                       r"'model.layers.1.post_attention_layernorm.weight' has shape \(1,\)"),
+    "embed-int64": ("llama3", {"model.embed_tokens.weight": lambda t: t.to(torch.int64)},
+                    r"'model.embed_tokens.weight' has dtype torch.int64"),
+    "q_proj-rows": ("llama3", {"model.layers.0.self_attn.q_proj.weight": lambda t: t[:48]},
+                    r"'model.layers.0.self_attn.q_proj.weight' has shape \(48, 64\); the model expects \(64, 64\)"),
+    "q_proj-columns": ("llama3", {"model.layers.1.self_attn.q_proj.weight": lambda t: t[:, :48]},
+                       r"'model.layers.1.self_attn.q_proj.weight' has shape \(64, 48\)"),
+    "k_proj-transposed": ("llama3", {"model.layers.0.self_attn.k_proj.weight": lambda t: t.T},
+                          r"'model.layers.0.self_attn.k_proj.weight' has shape \(64, 32\); "
+                          r"the model expects \(32, 64\)"),
+    "up_proj-rows": ("llama3", {"model.layers.1.mlp.up_proj.weight": lambda t: torch.cat([t, t[:1]])},
+                     r"'model.layers.1.mlp.up_proj.weight' has shape \(161, 64\); the model expects \(160, 64\)"),
+    "down_proj-int8": ("llama3", {"model.layers.1.mlp.down_proj.weight": lambda t: t.to(torch.int8)},
+                       r"'model.layers.1.mlp.down_proj.weight' has dtype torch.int8"),
+    "o_proj-float8": ("llama3", {"model.layers.0.self_attn.o_proj.weight": lambda t: t.to(torch.float8_e4m3fn)},
+                      r"'model.layers.0.self_attn.o_proj.weight' has dtype torch.float8_e4m3fn"),
+    "lm_head-rows": ("llama3", {"lm_head.weight": lambda t: t[:299]},
+                     r"'lm_head.weight' has shape \(299, 64\); the model expects \(300, 64\)"),
+    "k_bias-[1]": ("qwen2", {"model.layers.0.self_attn.k_proj.bias": lambda t: t[:1]},
+                   r"'model.layers.0.self_attn.k_proj.bias' has shape \(1,\); the model expects \(32,\)"),
+    "v_bias-int32": ("qwen2", {"model.layers.1.self_attn.v_proj.bias": lambda t: t.to(torch.int32)},
+                     r"'model.layers.1.self_attn.v_proj.bias' has dtype torch.int32"),
+    "missing-gate_proj": ("llama3", {"model.layers.1.mlp.gate_proj.weight": lambda t: None},
+                          r"has no tensor 'model.layers.1.mlp.gate_proj.weight'"),
+    "missing-norm": ("qwen2", {"model.norm.weight": lambda t: None}, r"has no tensor 'model.norm.weight'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HF_TENSORS)
+def test_hf_tensors_of_the_wrong_shape_or_dtype_are_named_at_load(case, tmp_path):
+    """A tensor that does not fit the model is a ValueError naming it at load time, float or
+    quantized while loading, never a broadcast, a cast or an error at the first forward."""
+    kind, changes, message = BAD_HF_TENSORS[case]
+    tampered_hf_directory(tmp_path, kind, changes)
+    for quantize in (None, dict(group_size=32)):
+        with pytest.raises(ValueError, match=message):
+            fourbit.load_model(tmp_path, device="cpu", quantize=quantize)
+
+
+def test_hf_float64_tensors_are_converted_to_the_model_dtype(tmp_path):
+    """float64 is a float weight stored wide: accepted, converted like fp32 to the model's dtype
+    (exactly, for values that came from fp32)."""
+    ids = torch.randint(0, 300, (1, 12))
+    tiny_hf_model("llama3").save_pretrained(tmp_path / "fp32")
+    names = ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.1.mlp.down_proj.weight"]
+    tampered_hf_directory(tmp_path / "fp64", "llama3", {n: lambda t: t.double() for n in names})
+    with torch.no_grad():
+        for quantize in (None, dict(group_size=32)):
+            wide = fourbit.load_model(tmp_path / "fp64", device="cpu", quantize=quantize)
+            assert wide.embed_tokens.weight.dtype == torch.float32
+            assert torch.equal(wide(ids), fourbit.load_model(tmp_path / "fp32", device="cpu", quantize=quantize)(ids))
+
+
+def test_quantizing_an_unrepresentable_weight_names_the_checkpoint_tensors(tmp_path):
+    tampered_hf_directory(tmp_path, "llama3", {"model.layers.1.mlp.up_proj.weight": lambda t: t * 1e7})
+    fourbit.load_model(tmp_path, device="cpu", dtype=torch.bfloat16, quantize=dict(group_size=32))  # fits bf16
+    with pytest.raises(ValueError, match=r"layers.1.mlp.gate_up_proj \(checkpoint tensors "
+                                         r"'model.layers.1.mlp.gate_proj.weight', 'model.layers.1.mlp.up_proj.weight'\)"
+                                         r": w's row 160, group 0 spans .*torch.float16"):
+        fourbit.load_model(tmp_path, device="cpu", dtype=torch.float16, quantize=dict(group_size=32))
+
+
+def test_load_model_rejects_a_dtype_that_is_not_a_compute_dtype(tmp_path):
+    tiny_hf_model("llama3").save_pretrained(tmp_path)
+    for dtype in (torch.int8, torch.float64, "float16"):
+        with pytest.raises(TypeError, match="dtype must be one of"):
+            fourbit.load_model(tmp_path, device="cpu", dtype=dtype)
+
+
+# ---- the same checks on GGUF files ----
+
+TINY_GGUF = dict(vocab=300, hidden=64, inter=160, layers=2, heads=4, kv_heads=2)
+
+
+def write_tiny_gguf(path, types: dict | None = None, changes: dict | None = None):
+    """A tiny llama GGUF of random weights: F32 unless `types` gives a tensor another ggml type
+    (Q4_0, Q4_1, ...), with `changes` {name: f(array) -> array} applied first. Returns the
+    arrays written, by name."""
+    gguf_writer = pytest.importorskip("gguf")
+    c = TINY_GGUF
+    d = c["hidden"] // c["heads"]
+    shapes = {"token_embd.weight": (c["vocab"], c["hidden"]), "output_norm.weight": (c["hidden"],),
+              "output.weight": (c["vocab"], c["hidden"])}
+    for i in range(c["layers"]):
+        shapes.update({f"blk.{i}.attn_norm.weight": (c["hidden"],), f"blk.{i}.ffn_norm.weight": (c["hidden"],),
+                       f"blk.{i}.attn_q.weight": (c["heads"] * d, c["hidden"]),
+                       f"blk.{i}.attn_k.weight": (c["kv_heads"] * d, c["hidden"]),
+                       f"blk.{i}.attn_v.weight": (c["kv_heads"] * d, c["hidden"]),
+                       f"blk.{i}.attn_output.weight": (c["hidden"], c["heads"] * d),
+                       f"blk.{i}.ffn_gate.weight": (c["inter"], c["hidden"]),
+                       f"blk.{i}.ffn_up.weight": (c["inter"], c["hidden"]),
+                       f"blk.{i}.ffn_down.weight": (c["hidden"], c["inter"])})
+    writer = gguf_writer.GGUFWriter(str(path), arch="llama")
+    for key, value in (("block_count", c["layers"]), ("embedding_length", c["hidden"]),
+                       ("feed_forward_length", c["inter"]), ("attention.head_count", c["heads"]),
+                       ("attention.head_count_kv", c["kv_heads"]), ("vocab_size", c["vocab"]),
+                       ("context_length", 256)):
+        writer.add_uint32(f"llama.{key}", value)
+    arrays = {}
+    for name, shape in shapes.items():
+        array = (np.random.default_rng(len(arrays)).standard_normal(shape) * 0.1).astype(np.float32)
+        array = (changes or {}).get(name, lambda a: a)(array)
+        arrays[name] = array
+        kind = (types or {}).get(name)
+        if kind is None:
+            writer.add_tensor(name, array)
+        else:
+            qtype = gguf_writer.GGMLQuantizationType[kind]
+            writer.add_tensor(name, gguf_writer.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return arrays
+
+
+def test_gguf_with_a_q4_0_embedding_loads_it_dequantized(tmp_path):
+    """llama.cpp's Q4_0 files often quantize token_embd too: the embedding is dequantized
+    (exactly as the gguf package does), the layers stay int4."""
+    gguf_writer = pytest.importorskip("gguf")
+    q4 = {"token_embd.weight": "Q4_0", "blk.0.ffn_down.weight": "Q4_0", "blk.1.attn_q.weight": "Q4_1"}
+    write_tiny_gguf(tmp_path / "m.gguf", types=q4)
+    model = fourbit.load_model(tmp_path / "m.gguf", device="cpu")
+    tensors = {t.name: t for t in gguf_writer.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    embed = tensors["token_embd.weight"]
+    reference = gguf_writer.quants.dequantize(embed.data, embed.tensor_type)
+    assert torch.equal(model.embed_tokens.weight, torch.from_numpy(reference))
+    assert isinstance(model.layers[0].mlp.down_proj, fourbit.Int4Linear)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+BAD_GGUF_TENSORS = {
+    "attn_q-rows": ({}, {"blk.0.attn_q.weight": lambda a: a[:36]},  # not heads x pairs: no unpermuting
+                    r"'blk.0.attn_q.weight' has shape \(36, 64\); the model expects \(64, 64\)"),
+    "attn_q-rows-q4": ({"blk.1.attn_q.weight": "Q4_0"}, {"blk.1.attn_q.weight": lambda a: a[:40]},
+                       r"'blk.1.attn_q.weight' has shape \(40, 64\); the model expects \(64, 64\)"),
+    "attn_k-rows-q4": ({"blk.1.attn_k.weight": "Q4_0"}, {"blk.1.attn_k.weight": lambda a: a[:24]},
+                       r"'blk.1.attn_k.weight' has shape \(24, 64\); the model expects \(32, 64\)"),
+    "ffn_down-columns-q4": ({"blk.1.ffn_down.weight": "Q4_1"}, {"blk.1.ffn_down.weight": lambda a: a[:, :128]},
+                            r"'blk.1.ffn_down.weight' has shape \(64, 128\); the model expects \(64, 160\)"),
+    "output_norm-[1]": ({}, {"output_norm.weight": lambda a: a[:1]},
+                        r"'output_norm.weight' has shape \(1,\); the model expects \(64,\)"),
+    "attn_norm-int32": ({}, {"blk.0.attn_norm.weight": lambda a: a.astype(np.int32)},
+                        r"'blk.0.attn_norm.weight' has dtype torch.int32"),
+    "token_embd-int64": ({}, {"token_embd.weight": lambda a: a.astype(np.int64)},
+                         r"'token_embd.weight' has dtype torch.int64"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GGUF_TENSORS)
+def test_gguf_tensors_of_the_wrong_shape_or_dtype_are_named_at_load(case, tmp_path):
+    types, changes, message = BAD_GGUF_TENSORS[case]
+    write_tiny_gguf(tmp_path / "m.gguf", types, changes)
+    for quantize in (None, dict(group_size=32)):
+        with pytest.raises(ValueError, match=message):
+            fourbit.load_model(tmp_path / "m.gguf", device="cpu", quantize=quantize)
+
+
+def test_gguf_float64_tensors_are_converted(tmp_path):
+    arrays = write_tiny_gguf(tmp_path / "m.gguf", changes={"blk.0.ffn_up.weight": lambda a: a.astype(np.float64)})
+    model = fourbit.load_model(tmp_path / "m.gguf", device="cpu")
+    up = model.layers[0].mlp.gate_up_proj.weight[TINY_GGUF["inter"]:]
+    assert up.dtype == torch.float32 and torch.equal(up, torch.from_numpy(arrays["blk.0.ffn_up.weight"]).float())

@@ -58,6 +58,64 @@ def test_quantize_rejects_bad_weights():
         fourbit.quantize_weight(torch.randn(64))
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_quantize_names_the_first_nan_or_inf(bad, dtype):
+    w = torch.randn(4, 64).to(dtype)
+    w[2, 37] = bad
+    with pytest.raises(ValueError, match=rf"NaN or inf \(w\[2, 37\] = {bad}\)"):
+        fourbit.quantize_weight(w, 32)
+
+
+# Weights whose int4 form would overflow its dtype: (w dtype, scale/offset dtype, magnitude).
+# Row 1's group 1 (columns 32..63 at group_size 32) spans [-big, big].
+OVERFLOWS = {"fp32-3e38": (torch.float32, torch.float32, 3e38),
+             "bf16-3e38": (torch.bfloat16, torch.bfloat16, 3e38),
+             "fp32-1e5-to-fp16": (torch.float32, torch.float16, 1e5)}
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
+@pytest.mark.parametrize("case", OVERFLOWS)
+def test_quantize_rejects_ranges_the_dtype_cannot_hold(case, symmetric):
+    """A group whose int4 weights would be inf or NaN in the compute dtype is an error
+    naming the group, never an Int4Weight that dequantizes to NaN."""
+    w_dtype, dtype, big = OVERFLOWS[case]
+    w = torch.randn(4, 128)
+    w[1, 40], w[1, 50] = big, -big
+    with pytest.raises(ValueError, match=rf"row 1, group 1 spans .*{dtype}.*wider dtype"):
+        fourbit.quantize_weight(w.to(w_dtype), 32, symmetric, dtype=dtype)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
+@pytest.mark.parametrize("w_dtype, dtype, big", [
+    (torch.float32, torch.float32, 1e38),     # span 2e38; symmetric q * s reaches 15/7.5 absmax = 2e38
+    (torch.bfloat16, torch.bfloat16, 1e38),
+    (torch.float32, torch.bfloat16, 1e5),     # the fp16 case's weights fit bf16 and fp32 scales
+    (torch.float32, torch.float32, 1e5),
+    (torch.float16, torch.float16, 3e4),      # symmetric: 8 s = 32000 fits fp16
+], ids=["fp32-1e38", "bf16-1e38", "fp32-1e5-to-bf16", "fp32-1e5", "fp16-3e4"])
+def test_quantize_keeps_large_ranges_that_fit(w_dtype, dtype, big, symmetric):
+    """Large but representable ranges still quantize to within half a step, with finite weights."""
+    w = (torch.rand(4, 128) * 2 - 1) * (big / 2)
+    w[1, 40], w[1, 50] = big, -big
+    w = w.to(w_dtype)
+    qw = fourbit.quantize_weight(w, 32, symmetric, dtype=dtype)
+    assert torch.isfinite(qw.dequantize(dtype)).all()
+    assert_within_half_a_step(w, qw)
+
+
+def test_quantize_float16_bound_is_where_the_weights_overflow():
+    """fp16 weights near 65504: the offset form holds them (m = min, m + 15 s just over max),
+    the symmetric one cannot (its offset -8 s = -8/7.5 absmax is past -65504)."""
+    w = torch.randn(4, 64).to(torch.float16)
+    w[0, 3], w[0, 4] = 65000, -65000
+    qw = fourbit.quantize_weight(w, 32)
+    assert torch.isfinite(qw.dequantize(torch.float16)).all()
+    assert_within_half_a_step(w, qw)
+    with pytest.raises(ValueError, match="row 0, group 0 spans"):
+        fourbit.quantize_weight(w, 32, symmetric=True)
+
+
 # ---- Int4WeightOnlyConfig ----
 
 def test_config_defaults_and_normal_forms():

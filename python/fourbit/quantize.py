@@ -41,6 +41,24 @@ def _store(x: torch.Tensor, dtype: torch.dtype, at_most: torch.Tensor | None = N
     return y
 
 
+def _check_representable(scales: torch.Tensor, offsets: torch.Tensor, groups: torch.Tensor,
+                          dtype: torch.dtype) -> None:
+    """Raise unless every q * s (q in 0..15) is finite in fp32 and every q * s + m in dtype.
+
+    The weights of a group run monotonically from m (q = 0) to m + 15 s (s >= 0), so the two
+    ends bound them all; checked in fp64, where neither end can overflow.
+    """
+    s, m = scales.double(), offsets.double()
+    fits = (15 * s <= torch.finfo(torch.float32).max) & \
+        (torch.maximum(m.abs(), (m + 15 * s).abs()) <= torch.finfo(dtype).max)  # False for NaN, inf
+    if not fits.all():
+        row, group = (int(i) for i in (~fits).nonzero()[0])
+        values = groups[row, group]
+        raise ValueError(f"w's row {row}, group {group} spans [{float(values.min()):.4g}, {float(values.max()):.4g}]: "
+                         f"int4 with {dtype} scales and offsets cannot represent it (every q * s + m must stay "
+                         f"within +-{torch.finfo(dtype).max:.4g}); quantize to a wider dtype or rescale w")
+
+
 def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = False,
                     dtype: torch.dtype | None = None) -> Int4Weight:
     """Quantize a float weight matrix to int4 by round-to-nearest.
@@ -55,6 +73,16 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
         Int4Weight in the canonical packing. Each weight dequantizes to within half a
         quantization step (s / 2) of the original: s and m are rounded to their storage
         dtype first and nudged by one step so the group's range stays covered.
+    Raises:
+        TypeError: w is not a float tensor, or dtype is not a compute dtype.
+        ValueError: w is not a non-empty [N, K] matrix; w holds NaN or inf (the first one
+            is named); or a group's int4 weights would not all be finite: every q * s
+            (q in 0..15) must be finite in fp32, where the reference and Triton kernels
+            compute it, and every q * s + m in dtype. No scale covers such a group within
+            half a step, so the group is named (row, index and range) rather than rounded
+            to inf or NaN. In numbers: a group's span (asymmetric) or twice its absmax
+            (symmetric) must stay under 3.4e38, and with float16 its values and, symmetric,
+            8 s under 65504.
     """
     check_group_size(group_size)
     if not isinstance(w, torch.Tensor) or w.dtype not in COMPUTE_DTYPES:
@@ -67,7 +95,9 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
         raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
     wf = w.detach().to(torch.float32)
     if not torch.isfinite(wf).all():
-        raise ValueError("w contains NaN or inf; int4 cannot represent it")
+        row, col = (int(i) for i in (~torch.isfinite(wf)).nonzero()[0])
+        raise ValueError(f"w contains NaN or inf (w[{row}, {col}] = {float(wf[row, col])}); "
+                         f"int4 cannot represent it")
 
     n, k = wf.shape
     k_pad = padded_k(k, group_size)
@@ -95,6 +125,7 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
         s = scales.float().unsqueeze(-1)
         q = torch.round((groups - m.unsqueeze(-1)) / torch.where(s == 0, 1.0, s))
 
+    _check_representable(scales, offsets, groups, dtype)
     q = q.clamp_(0, 15).to(torch.uint8).reshape(n, k_pad)
     q[:, k:] = 0  # padded columns are never read; keep them zero so files are canonical
     return Int4Weight(pack_int4(q), scales, offsets, group_size, (n, k), symmetric)

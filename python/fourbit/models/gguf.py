@@ -1,9 +1,11 @@
 """Read Llama-family GGUF files (llama.cpp) through fourbit.gguf_file.
 
-Tensors F32, F16 and BF16 load as they are; Q4_0 and Q4_1 load as Int4Weight with no loss
-(both are groups of 32 along K: Q4_1 stores w = q d + m, which is fourbit's format with
+Tensors F32, F16, BF16 and F64 load as they are; Q4_0 and Q4_1 load as Int4Weight with no
+loss (both are groups of 32 along K: Q4_1 stores w = q d + m, which is fourbit's format with
 s = d; Q4_0 stores w = (q - 8) d, the symmetric case m = -8 d); Q8_0 (w = q d, q int8)
-and every other type the `gguf` package can dequantize load as float.
+and every other type the `gguf` package can dequantize load as float. The integer types
+(I8 to I64) load as integer tensors, which the loader rejects by name: a weight is never
+made of a silent cast.
 
 llama.cpp stores the rows of q and k permuted so that rotary pairs are adjacent; the
 reader undoes that permutation (exactly, rows being independent) so the model uses the
@@ -45,6 +47,9 @@ def read_config(file: GGUFFile) -> LlamaConfig:
 
 def _blocks(tensor, block_bytes: int) -> np.ndarray:
     """uint8 [N, K / 32, block_bytes]: the blocks of 32 weights of each row."""
+    if len(tensor.shape) != 2 or tensor.shape[1] % 32:
+        raise ValueError(f"GGUF tensor {tensor.name} of type {tensor.type_name} has shape {tensor.shape}: "
+                         f"blocks of 32 weights need an [N, K] matrix with K a multiple of 32")
     n, k = tensor.shape
     return tensor.data.reshape(n, k // 32, block_bytes)
 
@@ -67,11 +72,15 @@ def _q4_weight(tensor) -> Int4Weight:
     return Int4Weight(pack_int4(q), d, d * -8, 32, (n, k), symmetric=True)  # -8 d is exact in fp16
 
 
-def _float_tensor(tensor) -> torch.Tensor:
+# ggml's element types of one value each, read as they are (the loader checks the dtype).
+_PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
+
+
+def _dense_tensor(tensor) -> torch.Tensor:
     kind, shape = tensor.type_name, tensor.shape
-    if kind in ("F32", "F16", "BF16"):
-        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]
-        return torch.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(shape)
+    if kind in _PLAIN_TYPES:
+        return torch.frombuffer(bytearray(tensor.data), dtype=_PLAIN_TYPES[kind]).reshape(shape)
     if kind == "Q8_0":  # 32 int8 weights per block, times an fp16 scale
         blocks = _blocks(tensor, 34)
         q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)).float()
@@ -88,7 +97,7 @@ def _float_tensor(tensor) -> torch.Tensor:
 
 
 def _tensor(tensor):
-    return _q4_weight(tensor) if tensor.type_name in _Q4_BLOCK else _float_tensor(tensor)
+    return _q4_weight(tensor) if tensor.type_name in _Q4_BLOCK else _dense_tensor(tensor)
 
 
 def _unpermute_rows(value, heads: int):
@@ -120,11 +129,17 @@ class GGUFCheckpoint:
             raise ValueError(f"{self.path} has no tensor {name!r}")
         return _tensor(self._tensors[name])
 
+    def tensor_name(self, role: str, layer: int | None = None) -> str:
+        """The file's name of the tensor of `role` in layer `layer` (None: the model's ends)."""
+        return self._MODEL_NAMES[role] if layer is None else f"blk.{layer}.{self._LAYER_NAMES[role]}"
+
     def model_tensor(self, role: str):
-        return self._get(self._MODEL_NAMES[role])
+        return self._get(self.tensor_name(role))
 
     def layer_tensor(self, i: int, role: str):
-        value = self._get(f"blk.{i}.{self._LAYER_NAMES[role]}")
+        value = self._get(self.tensor_name(role, i))
         if self.arch == "llama" and role in ("q", "k"):
-            value = _unpermute_rows(value, self.config.num_heads if role == "q" else self.config.num_kv_heads)
+            heads = self.config.num_heads if role == "q" else self.config.num_kv_heads
+            if value.shape[0] == heads * self.config.head_dim:  # else the loader names the wrong shape
+                value = _unpermute_rows(value, heads)
         return value

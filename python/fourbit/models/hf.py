@@ -60,8 +60,13 @@ class HFCheckpoint:
                     **{f"{p}_bias": f"self_attn.{p}_proj.bias" for p in "qkv"}}
     _MODEL_NAMES = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 
+    def tensor_name(self, role: str, layer: int | None = None) -> str:
+        """The file's name of the tensor of `role` in layer `layer` (None: the model's ends)."""
+        return self._MODEL_NAMES[role] if layer is None else f"model.layers.{layer}.{self._LAYER_NAMES[role]}"
+
     def model_tensor(self, role: str):
-        return self._get(self._MODEL_NAMES[role])
+        """The tensor as stored (any dtype safetensors holds: the loader checks it)."""
+        return self._get(self.tensor_name(role))
 
     def layer_tensor(self, i: int, role: str):
-        return self._get(f"model.layers.{i}.{self._LAYER_NAMES[role]}")
+        return self._get(self.tensor_name(role, i))

@@ -5,6 +5,11 @@ The model is built on the meta device and filled one checkpoint group (the embed
 then one layer) at a time, so the float weights never exist twice, and with
 `quantize=Int4WeightOnlyConfig(...)` a float layer is quantized as soon as it is read:
 quantizing a 7B model holds one layer of float weights at a time.
+
+Every tensor read is checked against the shape the meta model gives it (each part of a
+fused qkv or gate_up against its own rows) and for its dtype, and a group is checked whole
+before any of it is put in place: a bad checkpoint is an error naming the tensor as the
+file names it, raised at load time, and no model is returned.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_quantized, save_quantized, write_text_atomic
-from ..format import Int4Weight, concat_rows
+from ..format import COMPUTE_DTYPES, Int4Weight, concat_rows
 from ..nn import Int4Linear
 from ..quantize import Int4WeightOnlyConfig, as_config, quantize_weight
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint, is_fourbit_checkpoint, read_config
-from .llama import LAYER_BIASES, LAYER_TENSORS, Llama, rope_inv_freq
+from .llama import LAYER_BIASES, LAYER_TENSORS, Llama, LlamaConfig, rope_inv_freq
 from .tokenizer import Tokenizer
 from .tokenizer import load_tokenizer as _load_tokenizer
 
@@ -60,6 +65,37 @@ def _fuse(parts: list):
     return torch.cat([p.dequantize() if isinstance(p, Int4Weight) else p.float() for p in parts])
 
 
+# The dtypes a checkpoint's float tensor may have; each is converted to the model's dtype
+# (float64 too: a float weight stored wide). Integer, bool and float8 tensors are rejected:
+# cast to float, token ids, masks or fp8 weights without their scales are numbers that mean
+# nothing, so a checkpoint holding one is an error, never a silent cast.
+CHECKPOINT_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_dtype(dtype) -> None:
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+
+
+def _part_rows(config: LlamaConfig) -> dict[str, int]:
+    """Rows (N) of each part of a fused tensor, by role (LAYER_TENSORS, LAYER_BIASES)."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return {"q": q, "k": kv, "v": kv, "q_bias": q, "k_bias": kv, "v_bias": kv,
+            "gate": config.intermediate_size, "up": config.intermediate_size}
+
+
+def _check_tensor(name: str, value, shape: tuple[int, ...]) -> None:
+    """The checkpoint's tensor `name` is an Int4Weight or a float tensor of `shape`."""
+    if isinstance(value, torch.Tensor) and value.dtype not in CHECKPOINT_FLOAT_DTYPES:
+        raise ValueError(f"checkpoint tensor {name!r} has dtype {value.dtype}; a weight must be int4 or one of "
+                         f"{CHECKPOINT_FLOAT_DTYPES}")
+    if not isinstance(value, (torch.Tensor, Int4Weight)):
+        raise TypeError(f"checkpoint tensor {name!r} is a {type(value).__name__}, not a tensor or Int4Weight")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}; the model expects "
+                         f"{tuple(shape)}")
+
+
 def _set_param(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
 
@@ -86,30 +122,55 @@ def _set_linear(model: nn.Module, name: str, value, device, dtype,
         _set_param(module, "weight", value.to(device, dtype))
 
 
+def _tensor_name(checkpoint, role: str, layer: int | None = None) -> str:
+    """The checkpoint's own name for a tensor (readers without names: the role and layer)."""
+    if hasattr(checkpoint, "tensor_name"):
+        return checkpoint.tensor_name(role, layer)
+    return role if layer is None else f"layer {layer} {role}"
+
+
 def _groups(checkpoint, config):
-    """{model tensor name: its parts (tensors or Int4Weights)} for the embeddings and head,
-    then one dict per layer: one layer's weights in memory at a time."""
+    """{model tensor name: its parts, (role, checkpoint tensor name, tensor or Int4Weight)}
+    for the embeddings and head, then one dict per layer: one layer's weights in memory at a time."""
     ends = {"embed_tokens.weight": "embed", "norm.weight": "norm"}
     if not config.tie_word_embeddings:
         ends["lm_head.weight"] = "lm_head"
-    yield {name: [checkpoint.model_tensor(role)] for name, role in ends.items()}
+    yield {name: [(role, _tensor_name(checkpoint, role), checkpoint.model_tensor(role))]
+           for name, role in ends.items()}
     parts = {**LAYER_TENSORS, **(LAYER_BIASES if config.attention_bias else {})}
     for i in range(config.num_layers):
-        yield {f"layers.{i}.{name}": [checkpoint.layer_tensor(i, role) for role in roles]
+        yield {f"layers.{i}.{name}": [(role, _tensor_name(checkpoint, role, i), checkpoint.layer_tensor(i, role))
+                                      for role in roles]
                for name, roles in parts.items()}
+
+
+def _check_group(model: Llama, group: dict) -> None:
+    """Every part of a group has the dtype and shape the meta model expects of it."""
+    rows = _part_rows(model.config)
+    for name, parts in group.items():
+        shape = tuple(model.get_parameter(name).shape)
+        for role, source, value in parts:
+            _check_tensor(source, value, shape if len(parts) == 1 else (rows[role], *shape[1:]))
 
 
 def _fill(model: Llama, checkpoint, device, dtype, quantize) -> None:
     groups = _groups(checkpoint, model.config)
     for group in tqdm(groups, total=model.config.num_layers + 1, desc="loading", unit="group",
                       disable=model.config.num_layers < 8 or None):
-        for name, value in group.items():
-            value = _fuse(value)
+        _check_group(model, group)  # all of it, before any of it is put in place
+        for name, parts in group.items():
+            value = _fuse([value for _, _, value in parts])
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
             if attr == "weight" and isinstance(module, (nn.Linear, Int4Linear)):
-                _set_linear(model, module_name, value, device, dtype, quantize)
-            else:
+                try:
+                    _set_linear(model, module_name, value, device, dtype, quantize)
+                except ValueError as error:  # quantizing it: say which checkpoint tensors
+                    sources = ", ".join(repr(source) for _, source, _ in parts)
+                    raise ValueError(f"{module_name} (checkpoint tensors {sources}): {error}") from error
+            else:  # embeddings, norms, biases: float (an int4 embedding is dequantized)
+                if isinstance(value, Int4Weight):
+                    value = value.dequantize(dtype)
                 _set_param(module, attr, value.to(device, dtype))
 
 
@@ -152,11 +213,17 @@ def load_model(source, device=None, dtype: torch.dtype | None = None,
     Raises:
         TypeError, ValueError: a quantize of another type, an unknown dict key or an
             impossible value, each named (see Int4WeightOnlyConfig).
+        TypeError: a dtype that is not float32, bfloat16 or float16.
+        ValueError: a checkpoint tensor that is missing, has another shape than the model
+            gives it, or is not a float (float16, bfloat16, float32, or float64, which is
+            converted like the others) or int4 tensor, named as the file names it; or a
+            float layer the config quantizes whose int4 form would not be finite in dtype.
     Returns:
         A Llama in eval mode.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    _check_dtype(dtype)
     quantize = _quantize_option(quantize)
     path = resolve_source(source)
     if path.is_dir() and is_fourbit_checkpoint(path):
@@ -178,7 +245,10 @@ def load_model(source, device=None, dtype: torch.dtype | None = None,
 
 def build_model(checkpoint, device, dtype: torch.dtype, quantize=None) -> Llama:
     """A Llama built on meta and filled from a checkpoint reader (GGUFCheckpoint,
-    HFCheckpoint, RandomCheckpoint: a `config` and model_tensor / layer_tensor by role)."""
+    HFCheckpoint, RandomCheckpoint: a `config`, model_tensor / layer_tensor by role and,
+    optionally, tensor_name(role, layer) for error messages). Raises ValueError naming the
+    checkpoint tensor that is missing or has the wrong shape or dtype."""
+    _check_dtype(dtype)
     with torch.device("meta"):
         model = Llama(checkpoint.config)
     _fill(model, checkpoint, torch.device(device), dtype, _quantize_option(quantize))

@@ -96,16 +96,6 @@ def test_sample_respects_top_k_and_top_p():
     assert torch.allclose(counts, probs, atol=0.03)                        # plain sampling follows softmax
 
 
-def test_bad_prompts_raise(smollm):
-    with pytest.raises(ValueError, match="non-empty list"):
-        fourbit.generate(smollm, [], 4)
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        fourbit.generate(smollm, [[1, 2], []], 4)
-    with pytest.raises(ValueError, match="outside"):
-        fourbit.generate(smollm, [[1, 10**6]], 4)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        fourbit.generate(smollm, [[1, 2]], -1)
-
 
 # ---- plan once per step, run per layer: no layer reads the device back ----
 
@@ -147,12 +137,12 @@ def test_the_host_read_guard_sees_a_read():
     assert calls, "the guard missed pack_int4's host reads"
 
 
-def _tiny_llama():
+def _tiny_llama(seed: int = 0, **config):
     from fourbit.models.loader import build_model
     from fourbit.models.random_weights import RandomCheckpoint
-    config = fourbit.models.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3,
-                                        num_heads=4, num_kv_heads=2)
-    return build_model(RandomCheckpoint(config), "cpu", torch.float32, dict(group_size=32))
+    config = fourbit.models.LlamaConfig(**{**dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3,
+                                                  num_heads=4, num_kv_heads=2), **config})
+    return build_model(RandomCheckpoint(config, seed=seed), "cpu", torch.float32, dict(group_size=32))
 
 
 @pytest.mark.parametrize("attention", ["auto", "triton"])
@@ -181,3 +171,179 @@ def test_a_step_reads_nothing_back_in_any_layer(attention):
         with host_reads_from_fourbit() as calls:
             model(torch.tensor([3, 4]), positions, PagedContext(cache, step, attention))
         assert calls == [], f"decode read the device back: {calls}"
+
+
+# ---- a failed generate leaves the cache as good as it found it ----
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_llama()
+
+
+def tiny_cache(model, num_blocks=16, block_size=8):
+    """A cache for the tiny model whose pages hold noise, not zeros: a page read before it is
+    written shows up in the tokens."""
+    config = model.config
+    cache = fourbit.PagedKVCache(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+                                 torch.float32)
+    cache.kv.normal_(0.0, 10.0)
+    return cache
+
+
+def raise_on_call(layer, n):
+    """A forward for layer that raises on its n-th call (after the layers before it ran)."""
+    forward, calls = layer.forward, [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError(f"injected failure in call {n}")
+        return forward(*args, **kwargs)
+    return failing
+
+
+# prompt of 21 tokens, pages of 8, prefill chunks of 8: layer calls 1-3 are the prefill steps
+# (1 and 2 each fill a page), call 4+k decodes the k-th new token; call 6 fills the third page.
+@pytest.mark.parametrize("failing_call", [1, 2, 6], ids=["first-prefill-step", "second-prefill-step",
+                                                          "decode-step-filling-a-page"])
+def test_a_generate_that_raises_midway_poisons_no_later_one(tiny, monkeypatch, failing_call):
+    """A layer raises inside a step (the layers before it wrote their K/V, the rest did not):
+    afterwards the cache holds none of the call's sequences, and generating again on it (the
+    same prompt, and the prompt continued past the page the failed step would have filled)
+    gives exactly the tokens of a fresh cache, while the pages of the steps that did finish
+    are still prefix-cache hits."""
+    prompt = torch.randint(0, tiny.config.vocab_size, (21,)).tolist()
+    run = lambda p, cache=None: fourbit.generate(tiny, [p], 8, block_size=8, prefill_chunk=8, cache=cache)[0]
+    fresh = run(prompt)
+    longer = prompt + fresh[:4]  # its first 24 tokens are the failed step's three pages
+    fresh_longer = run(longer)
+    cache = tiny_cache(tiny)
+    with monkeypatch.context() as patch:
+        patch.setattr(tiny.layers[1], "forward", raise_on_call(tiny.layers[1], failing_call))
+        with pytest.raises(RuntimeError, match="injected"):
+            run(prompt, cache)
+    assert cache.num_free_blocks == cache.num_blocks and not cache._seqs
+    committed_pages = min(failing_call - 1, 2)  # prefill steps that returned before the failure
+    assert cache.add_sequence("probe", longer) == 8 * committed_pages
+    cache.free("probe")
+    assert run(prompt, cache) == fresh
+    assert run(longer, cache) == fresh_longer
+    assert cache.add_sequence("probe", longer) == 24  # the retries' pages are cached
+
+
+def test_out_of_blocks_midway_then_a_retry_gives_a_fresh_caches_tokens(tiny):
+    """Two prompts that outgrow the cache during decode: OutOfBlocks leaves no sequence
+    behind, and each prompt generated again on that cache (now alone, it fits) gives the
+    tokens of a fresh cache."""
+    prompts = [torch.randint(0, tiny.config.vocab_size, (n,)).tolist() for n in (21, 13)]
+    fresh = [fourbit.generate(tiny, [p], 8, block_size=8, prefill_chunk=8)[0] for p in prompts]
+    cache = tiny_cache(tiny, num_blocks=6)  # the prompts take 5 pages; decoding both needs 7
+    with pytest.raises(fourbit.OutOfBlocks):
+        fourbit.generate(tiny, prompts, 8, prefill_chunk=8, cache=cache)
+    assert cache.num_free_blocks == 6 and not cache._seqs
+    assert [fourbit.generate(tiny, [p], 8, prefill_chunk=8, cache=cache)[0] for p in prompts] == fresh
+
+
+def test_a_cache_serves_one_model(tiny):
+    """K/V one model wrote are wrong for another of the same shape: a cache refuses a second
+    model (and one of another geometry or dtype) with a ValueError naming the cache."""
+    other = _tiny_llama(seed=1)
+    prompt = torch.randint(0, 96, (20,)).tolist()
+    cache = tiny_cache(tiny)
+    fourbit.generate(tiny, [prompt], 4, cache=cache)
+    with pytest.raises(ValueError, match="cache holds K/V written by another Llama"):
+        fourbit.generate(other, [prompt], 4, cache=cache)
+    assert fourbit.generate(tiny, [prompt], 4, cache=cache) == fourbit.generate(tiny, [prompt], 4)
+    config = tiny.config
+    for name, shape in (("num_layers", (2, 8, 8, 2, 16)), ("num_kv_heads", (3, 8, 8, 1, 16)),
+                        ("head_dim", (3, 8, 8, 2, 8))):
+        with pytest.raises(ValueError, match=f"cache has {name}"):
+            fourbit.generate(tiny, [prompt], 4, cache=fourbit.PagedKVCache(*shape, dtype=torch.float32))
+    wrong_dtype = fourbit.PagedKVCache(config.num_layers, 8, 8, config.num_kv_heads, config.head_dim, torch.float16)
+    with pytest.raises(ValueError, match="cache has dtype"):
+        fourbit.generate(tiny, [prompt], 4, cache=wrong_dtype)
+    with pytest.raises(TypeError, match="cache must be a PagedKVCache"):
+        fourbit.generate(tiny, [prompt], 4, cache=cache.kv)
+
+
+# ---- arguments: what generate accepts, and a clear error naming each bad one ----
+
+@pytest.mark.parametrize("form", ["int", "list", "tensor", "0-d tensor", "numpy"])
+def test_stop_tokens_in_any_integer_form_stop(tiny, form):
+    import numpy as np
+    prompt = torch.randint(0, 96, (9,)).tolist()
+    free_run = fourbit.generate(tiny, [prompt], 12)[0]
+    i = max(i for i in range(len(free_run)) if free_run[i] not in free_run[:i])  # its first occurrence
+    stop = free_run[i]
+    given = {"int": stop, "list": [stop, 95], "tensor": torch.tensor([stop]), "0-d tensor": torch.tensor(stop),
+             "numpy": np.array([stop])}[form]
+    assert fourbit.generate(tiny, [prompt], 12, stop_tokens=given)[0] == free_run[:i]
+
+
+def test_prompts_in_any_integer_form_give_the_same_tokens(tiny):
+    import numpy as np
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (5, 11)]
+    want = fourbit.generate(tiny, prompts, 4)
+    assert fourbit.generate(tiny, tuple(torch.tensor(p) for p in prompts), 4) == want
+    assert fourbit.generate(tiny, [np.array(p) for p in prompts], 4) == want
+    assert fourbit.generate(tiny, [[np.int64(t) for t in p] for p in prompts], np.int64(4)) == want
+    assert fourbit.generate(tiny, torch.tensor([prompts[0]] * 2), 4) == [want[0]] * 2
+    assert fourbit.generate(tiny, prompts, 4, temperature=np.float32(0.0), top_k=np.int32(0)) == want
+
+
+def test_a_prompt_must_fit_the_models_context():
+    model = _tiny_llama(max_position_embeddings=24)
+    prompt = torch.randint(0, 96, (20,)).tolist()
+    assert len(fourbit.generate(model, [prompt], 4)[0]) == 4  # 24 positions: all of them
+    with pytest.raises(ValueError, match=r"prompts\[0\] has 20 tokens and max_new_tokens is 5: 25 positions.*"
+                                         "max_position_embeddings = 24"):
+        fourbit.generate(model, [prompt], 5)
+    with pytest.raises(ValueError, match=r"prompts\[1\] has 25 tokens"):
+        fourbit.generate(model, [prompt, prompt + [1] * 5], 0)
+
+
+BAD_ARGUMENTS = {
+    # name: (keyword arguments over prompts=[[1, 2, 3]], max_new_tokens=4; the error; its message)
+    "prompts-empty": (dict(prompts=[]), ValueError, "prompts must be a non-empty list"),
+    "prompts-not-a-list": (dict(prompts={1: [1, 2]}), ValueError, "prompts must be a non-empty list"),
+    "prompts-one-flat-prompt": (dict(prompts=[1, 2, 3]), TypeError, "prompts must be a list of prompts"),
+    "prompts-an-empty-prompt": (dict(prompts=[[1, 2], []]), ValueError, r"prompts\[1\] is empty"),
+    "prompts-id-outside-vocab": (dict(prompts=[[1, 96]]), ValueError, r"prompts\[0\] holds token ids outside"),
+    "prompts-negative-id": (dict(prompts=[[-1, 2]]), ValueError, r"prompts\[0\] holds token ids outside"),
+    "prompts-float-ids": (dict(prompts=[[1.0, 2.0]]), TypeError, r"prompts\[0\] must hold int token ids"),
+    "prompts-float-tensor": (dict(prompts=[torch.tensor([1.0, 2.0])]), TypeError, r"prompts\[0\] must hold int"),
+    "prompts-bool-ids": (dict(prompts=[[True, 2]]), TypeError, r"prompts\[0\] must hold int token ids"),
+    "prompts-2d-prompt": (dict(prompts=[torch.ones(2, 3, dtype=torch.long)]), ValueError,
+                          r"prompts\[0\] must be 1-D"),
+    "prompts-text": (dict(prompts=["hello"]), TypeError, r"prompts\[0\] must be token ids, got a string"),
+    "max_new_tokens-negative": (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 0"),
+    "max_new_tokens-float": (dict(max_new_tokens=4.0), TypeError, "max_new_tokens must be an int"),
+    "max_new_tokens-bool": (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int"),
+    "temperature-negative": (dict(temperature=-0.5), ValueError, "temperature must be >= 0"),
+    "temperature-nan": (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+    "temperature-inf": (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    "temperature-text": (dict(temperature="0.7"), TypeError, "temperature must be a real number"),
+    "top_p-zero": (dict(temperature=1.0, top_p=0.0), ValueError, r"top_p must lie in \(0, 1\]"),
+    "top_p-above-one": (dict(temperature=1.0, top_p=1.5), ValueError, r"top_p must lie in \(0, 1\]"),
+    "top_p-nan": (dict(temperature=1.0, top_p=float("nan")), ValueError, "top_p must be finite"),
+    "top_k-negative": (dict(temperature=1.0, top_k=-1), ValueError, "top_k must be >= 0"),
+    "top_k-float": (dict(temperature=1.0, top_k=2.5), TypeError, "top_k must be an int"),
+    "prefill_chunk-zero": (dict(prefill_chunk=0), ValueError, "prefill_chunk must be >= 1"),
+    "prefill_chunk-float": (dict(prefill_chunk=8.0), TypeError, "prefill_chunk must be an int"),
+    "seed-float": (dict(temperature=1.0, seed=1.5), TypeError, "seed must be an int"),
+    "stop_tokens-text": (dict(stop_tokens="</s>"), TypeError, "stop_tokens must be token ids, got a string"),
+    "stop_tokens-float": (dict(stop_tokens=[2.0]), TypeError, "stop_tokens must hold int token ids"),
+    "stop_tokens-2d-tensor": (dict(stop_tokens=torch.ones(1, 2, dtype=torch.long)), ValueError,
+                              "stop_tokens must be 1-D"),
+    "stop_tokens-negative": (dict(stop_tokens=[-1]), ValueError, "stop_tokens must be non-negative"),
+    "block_size-float": (dict(block_size=16.0), TypeError, "block_size must be an int"),
+    "block_size-not-a-power-of-two": (dict(block_size=12), ValueError, "block_size must be a power of two"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGUMENTS))
+def test_a_bad_argument_raises_naming_it(tiny, name):
+    kwargs, error, message = BAD_ARGUMENTS[name]
+    kwargs = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(error, match=message):
+        fourbit.generate(tiny, **kwargs)

@@ -493,6 +493,97 @@ def test_out_of_blocks_evicts_nothing():
     assert cache.add_sequence("c", [1] * 17) == 16
 
 
+# -- registration only of written pages: plan(commit=False) and commit ---------------------
+
+
+def plan_and_fill(cache, seq_id, tokens, commit=True):
+    """plan a one-sequence step without registering it, write its K/V, commit if asked."""
+    start = cache.seq_len(seq_id)
+    step = cache.plan([seq_id], [tokens], commit=False)
+    write_kv(cache, step.slot_mapping, cache.tokens(seq_id), start)
+    if commit:
+        cache.commit(step)
+    return step
+
+
+def test_a_step_planned_without_commit_joins_the_prefix_cache_only_when_committed():
+    cache = make_cache(num_blocks=8, block_size=8)
+    prompt = torch.randint(0, 50, (20,)).tolist()
+    cache.add_sequence("a", [])
+    step = plan_and_fill(cache, "a", prompt[:12], commit=False)  # fills page 0
+    assert cache.add_sequence("probe", prompt) == 0  # written, but not yet known to be
+    cache.free("probe")
+    cache.commit(step)
+    assert cache.add_sequence("probe", prompt) == 8
+    cache.free("probe")
+    plan_and_fill(cache, "a", prompt[12:])  # fills page 1, committed at once
+    assert add_and_fill(cache, "b", prompt) == 16 and cache.blocks("b")[:2] == cache.blocks("a")[:2]
+    assert_contents(cache, "b", prompt)
+    assert all(cache.allocator.refcount(b) == 3 for b in cache.blocks("b")[:2])  # a, b and the cache
+
+
+def test_a_step_never_committed_is_never_registered():
+    """A step whose forward failed is not committed: a later plan or a free discards it, the
+    pages it filled never become hits (not even once later steps of the sequence commit),
+    and the pages of the steps before it stay hits."""
+    cache = make_cache(num_blocks=12, block_size=8)
+    prompt = torch.randint(0, 50, (40,)).tolist()
+    cache.add_sequence("a", [])
+    plan_and_fill(cache, "a", prompt[:8])
+    failed = cache.plan(["a"], [prompt[8:16]], commit=False)  # page 1: nothing written
+    plan_and_fill(cache, "a", prompt[16:24])  # supersedes the failed step, commits its own
+    plan_and_fill(cache, "a", prompt[24:32], commit=False)
+    cache.commit(cache.plan(["a"], [prompt[32:33]], commit=False))
+    with pytest.raises(ValueError, match="not this cache's pending step"):
+        cache.commit(failed)
+    assert cache.add_sequence("b", prompt) == 8
+    cache.free("a")
+    cache.free("b")
+    assert cache.num_free_blocks == 12 and len(cache._block_key) == 1
+
+    cache.add_sequence("d", [])
+    step = cache.plan(["d"], [prompt[:16]], commit=False)
+    cache.free("d")  # freed before its forward returned: its pages go back unregistered
+    cache.commit(step)  # skips the freed sequence
+    assert cache.num_free_blocks == 12 and len(cache._block_key) == 1
+    assert cache.add_sequence("e", prompt) == 8
+
+
+def test_commit_takes_the_pending_step_once():
+    cache = make_cache()
+    cache.add_sequence("a", [])
+    with pytest.raises(ValueError, match="not this cache's pending step"):
+        cache.commit(cache.plan(["a"], [[1] * 8]))  # planned with commit=True: registered already
+    step = cache.plan(["a"], [[2] * 8], commit=False)
+    cache.commit(step)
+    with pytest.raises(ValueError, match="not this cache's pending step"):
+        cache.commit(step)
+
+
+def test_out_of_blocks_keeps_the_pending_step():
+    cache = make_cache(num_blocks=2, block_size=8)
+    cache.add_sequence("a", [])
+    step = plan_and_fill(cache, "a", [1] * 9, commit=False)
+    with pytest.raises(OutOfBlocks):
+        cache.plan(["a"], [[2] * 16], commit=False)
+    cache.commit(step)
+    assert cache.add_sequence("b", [1] * 9) == 8
+
+
+def test_a_cache_is_claimed_by_one_owner():
+    class Model:
+        pass
+
+    cache, first, second = make_cache(), Model(), Model()
+    cache.claim(first)
+    cache.claim(first)
+    with pytest.raises(ValueError, match="cache holds K/V written by another Model"):
+        cache.claim(second)
+    del first
+    with pytest.raises(ValueError, match="cache holds K/V written by a model that no longer exists"):
+        cache.claim(second)
+
+
 # -- the cache as a state machine ----------------------------------------------------------
 
 
@@ -572,6 +663,38 @@ class PagedKVCacheMachine(RuleBasedStateMachine):
     @rule(seq_id=consumes(seqs))
     def free(self, seq_id):
         self.cache.free(seq_id)
+        del self.model[seq_id]
+
+    @rule(seq_id=seqs, tokens=st.lists(st.integers(0, 3), min_size=1, max_size=20))
+    def committed_step(self, seq_id, tokens):
+        """plan(commit=False), the forward writes every layer, commit: as append."""
+        cache, start = self.cache, len(self.model[seq_id])
+        try:
+            step = cache.plan([seq_id], [tokens], commit=False)
+        except OutOfBlocks:
+            return
+        self.model[seq_id] = self.model[seq_id] + list(tokens)
+        write_kv(cache, step.slot_mapping, self.model[seq_id], start)
+        cache.commit(step)
+
+    @rule(seq_id=consumes(seqs), tokens=st.lists(st.integers(0, 3), min_size=1, max_size=20),
+          layers_written=st.integers(0, LAYERS - 1))
+    def failed_step(self, seq_id, tokens, layers_written):
+        """plan(commit=False), the forward writes some layers and raises, the sequence is
+        freed (as generate does): its prompt, retried by add_a_past_prompt, must not hit a
+        page the failed step filled."""
+        cache, start = self.cache, len(self.model[seq_id])
+        try:
+            step = cache.plan([seq_id], [tokens], commit=False)
+        except OutOfBlocks:
+            step = None
+        else:
+            full = self.model[seq_id] + list(tokens)
+            flat = cache.kv.view(LAYERS, 2, cache.num_blocks * cache.block_size, HEADS, HEAD_DIM)
+            flat[:, :, step.slot_mapping] = 0.5  # not a value expected_kv ever holds
+            flat[:layers_written, :, step.slot_mapping] = expected_kv(full)[:layers_written, :, start:, None, None]
+            self.prompts.append(full)
+        cache.free(seq_id)
         del self.model[seq_id]
 
     @invariant()

@@ -7,10 +7,18 @@ up to `prefill_chunk` prompt tokens from as many sequences as fit, decode steps 
 from each. Prompts that start with blocks already
 in the cache's prefix cache skip them. A sequence that stops frees its pages at once. On a
 GPU the decode step is captured in a CUDA graph per batch-size bucket and replayed.
+
+Every step is planned with commit=False and committed once the model's forward has returned:
+a step that raises (an exception in a layer, an interrupt) leaves no prefix-cache entry on
+pages it did not finish writing, so the next call with the same prompt recomputes them. A
+cache serves one model (PagedKVCache.claim) of its own geometry.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import warnings
 
 import torch
@@ -38,18 +46,100 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def _token_ids(name: str, value) -> list[int]:
+    """A list of int token ids from a list / tuple / 1-D integer tensor or numpy array."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be token ids, got a string: encode it with the tokenizer first")
+    if hasattr(value, "ndim") and hasattr(value, "tolist"):  # torch.Tensor, numpy.ndarray
+        if value.ndim != 1:
+            raise ValueError(f"{name} must be 1-D token ids, got shape {tuple(value.shape)}")
+        value = value.tolist()
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of int token ids, got {type(value).__name__}") from None
+    out = []
+    for t in items:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            out.append(operator.index(t))
+        except TypeError:
+            raise TypeError(f"{name} must hold int token ids, got {t!r} ({type(t).__name__})") from None
+    return out
+
+
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if hasattr(prompts, "ndim") and getattr(prompts, "ndim", 0) == 2:  # [batch, length] tensor or array
+        prompts = list(prompts)
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
+        raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}")
+    if all(isinstance(p, numbers.Integral) for p in prompts):
+        raise TypeError("prompts must be a list of prompts, each a list of token ids: wrap a single prompt "
+                        "in a list")
     out = []
     for i, prompt in enumerate(prompts):
-        prompt = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        prompt = _token_ids(f"prompts[{i}]", prompt)
         if not prompt:
-            raise ValueError(f"prompt {i} is empty")
-        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
-            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab_size})")
+            raise ValueError(f"prompts[{i}] is empty")
+        if any(not 0 <= t < vocab_size for t in prompt):
+            raise ValueError(f"prompts[{i}] holds token ids outside [0, {vocab_size})")
         out.append(prompt)
     return out
+
+
+def _check_stop_tokens(stop_tokens) -> set[int]:
+    """stop_tokens as a set of ints: None, an int, ints, or a 0-D / 1-D integer tensor or array."""
+    if stop_tokens is None:
+        return set()
+    if getattr(stop_tokens, "ndim", None) == 0 or isinstance(stop_tokens, numbers.Integral):
+        stop_tokens = [stop_tokens]
+    stop = set(_token_ids("stop_tokens", stop_tokens))
+    if any(t < 0 for t in stop):
+        raise ValueError(f"stop_tokens must be non-negative token ids, got {sorted(stop)}")
+    return stop
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_sampling(temperature, top_k, top_p) -> tuple[float, int, float]:
+    temperature, top_p = _check_float("temperature", temperature), _check_float("top_p", top_p)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p}")
+    return temperature, _check_int("top_k", top_k, 0), top_p
+
+
+def _check_cache(cache, model: Llama) -> None:
+    """The cache has the model's geometry, dtype and device, and serves this model only."""
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    config = model.config
+    for name, want in (("num_layers", config.num_layers), ("num_kv_heads", config.num_kv_heads),
+                       ("head_dim", config.head_dim), ("dtype", model.dtype), ("device", model.device)):
+        if getattr(cache, name) != want:
+            raise ValueError(f"cache has {name} = {getattr(cache, name)} but the model needs {want}")
+    cache.claim(model)
 
 
 class _DecodeGraphs:
@@ -116,31 +206,48 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
 
     Args:
         model: a Llama (fourbit.load_model).
-        prompts: list of token-id lists (or 1-D tensors).
-        max_new_tokens: at most this many new tokens per sequence.
-        temperature, top_k, top_p: 0 is greedy; otherwise sampling (top_k 0 and top_p 1 keep
-            every token).
-        stop_tokens: token ids that end a sequence (not included in its output).
+        prompts: list of prompts, each a list / tuple / 1-D tensor / numpy array of int token
+            ids in [0, vocab_size) (or one 2-D tensor, a prompt per row); each prompt plus
+            max_new_tokens within the model's max_position_embeddings.
+        max_new_tokens: at most this many new tokens per sequence (an int >= 0).
+        temperature, top_k, top_p: temperature 0 is greedy; otherwise sampling (top_k 0 and
+            top_p 1 keep every token). temperature finite and >= 0, top_k an int >= 0, top_p
+            in (0, 1].
+        stop_tokens: token ids that end a sequence (not included in its output): an int, an
+            iterable of ints, or a 1-D integer tensor. Text is not accepted (encode it first).
         seed: makes sampling reproducible.
-        block_size, prefill_chunk: pages of the KV cache; prompt tokens per prefill step.
+        block_size, prefill_chunk: pages of the KV cache; prompt tokens per prefill step (>= 1).
         cache: an existing PagedKVCache to use (with its prefix cache); by default a new one
-            sized for these prompts.
+            sized for these prompts. It must match the model (layers, KV heads, head_dim, dtype,
+            device), and it serves only the model that first used it (ValueError otherwise).
         use_cuda_graph: capture decode steps in CUDA graphs on CUDA devices (default True).
         backend: the attention backend ("auto", "torch", "triton", "cuda").
     Returns:
         The new tokens of each prompt, in order.
+    Raises:
+        TypeError / ValueError naming the argument that is wrong. On any error midway the
+        cache keeps no sequence of this call and no prefix-cache entry it did not finish.
     """
     config = model.config
     prompts = _check_prompts(prompts, config.vocab_size)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    stop = set([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens or ())
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
+    temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
+    prefill_chunk = _check_int("prefill_chunk", prefill_chunk, 1)
+    seed = None if seed is None else _check_int("seed", seed, -(2 ** 63))
+    stop = _check_stop_tokens(stop_tokens)
+    for i, prompt in enumerate(prompts):
+        if len(prompt) + max_new_tokens > config.max_position_embeddings:
+            raise ValueError(f"prompts[{i}] has {len(prompt)} tokens and max_new_tokens is {max_new_tokens}: "
+                             f"{len(prompt) + max_new_tokens} positions, beyond the model's context "
+                             f"(max_position_embeddings = {config.max_position_embeddings})")
     device = model.device
-    max_len = max(len(p) for p in prompts) + max_new_tokens
-    max_blocks = -(-max_len // block_size)
     if cache is None:
+        block_size = _check_int("block_size", block_size, 1)
         cache = PagedKVCache(config.num_layers, sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts) + 1,
                              block_size, config.num_kv_heads, config.head_dim, model.dtype, device)
+    _check_cache(cache, model)
+    max_len = max(len(p) for p in prompts) + max_new_tokens
+    max_blocks = -(-max_len // cache.block_size)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     graphs = None
     if device.type == "cuda" and use_cuda_graph is not False:
@@ -148,8 +255,6 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
 
     seqs = [object() for _ in prompts]  # cache ids of this call's sequences
     pending = {}                          # seq -> prompt tokens not yet in the cache
-    for seq, prompt in zip(seqs, prompts):
-        pending[seq] = prompt[cache.add_sequence(seq, prompt):]
     outputs = {seq: [] for seq in seqs}
     last = {}                             # seq -> sampled token whose K/V is not yet cached
     done = set()
@@ -166,6 +271,8 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             last[seq] = token
 
     try:
+        for seq, prompt in zip(seqs, prompts):
+            pending[seq] = prompt[cache.add_sequence(seq, prompt):]
         # Chunked prefill: up to prefill_chunk prompt tokens per step, across sequences.
         while any(pending.values()):
             batch, chunks, budget = [], [], prefill_chunk
@@ -180,10 +287,11 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             positions = torch.cat([torch.arange(s, s + len(c)) for s, c in zip(starts, chunks)]).to(device)
             query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
             finished = [i for i, s in enumerate(batch) if not pending[s]]  # prompts complete this step
-            context = PagedContext(cache, cache.plan(batch, chunks), backend)
+            step = cache.plan(batch, chunks, commit=False)
             input_ids = torch.tensor([t for c in chunks for t in c], device=device)
             rows = (query_start_loc[1:] - 1)[finished].to(device)
-            logits = model(input_ids, positions, context, logits_rows=rows)
+            logits = model(input_ids, positions, PagedContext(cache, step, backend), logits_rows=rows)
+            cache.commit(step)  # every layer wrote this step's K/V: its full pages may be hit now
             if finished:
                 for i, token in zip(finished, sample(logits, temperature, top_k, top_p, generator).tolist()):
                     take(batch[i], token)
@@ -195,7 +303,7 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             batch = [s for s in seqs if s not in done]
             if not batch:
                 break
-            step = cache.plan(batch, [[last[s]] for s in batch])
+            step = cache.plan(batch, [[last[s]] for s in batch], commit=False)
             input_ids = torch.tensor([last[s] for s in batch], device=device)
             positions = torch.tensor([cache.seq_len(s) - 1 for s in batch], device=device)
             logits = None
@@ -208,6 +316,7 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
                     graphs = None
             if logits is None:
                 logits = model(input_ids, positions, PagedContext(cache, step, backend))
+            cache.commit(step)
             for seq, token in zip(batch, sample(logits, temperature, top_k, top_p, generator).tolist()):
                 take(seq, token)
     finally:

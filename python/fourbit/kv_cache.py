@@ -29,6 +29,14 @@ new sequence whose prompt starts with registered blocks shares them instead of r
 them. The cache holds one reference to each block it registered. A block whose only
 reference is the cache's is evictable, least recently used first, and only when an
 allocation finds no free block left.
+
+A block is registered only once its K and V are known written, so a failed step never leaves
+a prefix-cache hit on pages nobody wrote. append() and plan() register the full blocks they
+complete at once: the caller promises to write their K/V before anything reads them.
+plan(..., commit=False) holds them pending instead, and commit(batch), called once the forward
+that writes them has returned, registers them; a step never committed (its forward raised)
+registers nothing, then or later: each sequence counts the tokens whose K/V are known written,
+and only a step that continues that count advances it. generate plans every step this way.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import operator
+import weakref
 from collections.abc import Hashable, Iterable
 
 import torch
@@ -281,7 +290,8 @@ class _BlockKey:
 class _Sequence:
     tokens: list[int]  # token ids whose K and V are (or are being) written; length = len(tokens)
     blocks: list[int]  # its pages, ceil(len(tokens) / block_size) of them
-    keys: list[_BlockKey]  # prefix-cache keys of its full blocks (empty without prefix caching)
+    keys: list[_BlockKey]  # prefix-cache keys of its registered full blocks (none without prefix caching)
+    written: int  # tokens[:written] have K and V known written: only their full blocks are registered
 
 
 class PagedKVCache:
@@ -299,6 +309,9 @@ class PagedKVCache:
             first; kv[layer, 0] and kv[layer, 1] are that layer's K and V pages.
 
     Sequences are named by any hashable seq_id; an unknown one raises KeyError.
+
+    K and V of one model are wrong for another: claim(model) ties the cache to the model that
+    writes it (generate does), and a claim by a different model raises ValueError.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -320,6 +333,10 @@ class PagedKVCache:
         self._block_key: dict[int, _BlockKey] = {}  # and back: cached block -> its key
         # Cached blocks that only the cache holds, least recently used first.
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # The step planned with commit=False and not committed yet: its batch and, per
+        # sequence, (seq_id, the sequence, its tokens before the step, after it).
+        self._pending: tuple[PagedBatch, list[tuple[Hashable, _Sequence, int, int]]] | None = None
+        self._owner: weakref.ref | None = None  # what claim() tied the cache to
 
     # -- shape and storage ----------------------------------------------------------------
 
@@ -360,7 +377,7 @@ class PagedKVCache:
         keys, blocks = self._lookup_prefix(tokens)
         self._take_cached(blocks)
         cached = len(blocks) * self.block_size
-        self._seqs[seq_id] = _Sequence(tokens[:cached], blocks, keys)
+        self._seqs[seq_id] = _Sequence(tokens[:cached], blocks, keys, cached)
         return cached
 
     def append(self, seq_id: Hashable, tokens: Iterable[int]) -> torch.Tensor:
@@ -368,12 +385,17 @@ class PagedKVCache:
 
         Returns slot_mapping: int64 [len(tokens)] on the cache device, slot = page *
         block_size + row, where the caller writes these tokens' K and V (in every layer)
-        before anything reads them. Raises OutOfBlocks, changing nothing, when the pages
-        cannot be had even by evicting cached blocks.
+        before anything reads them: the full blocks they complete are registered in the
+        prefix cache at once (plan(..., commit=False) and commit() defer that until the
+        writes are done). Raises OutOfBlocks, changing nothing, when the pages cannot be had
+        even by evicting cached blocks.
         """
         seq, tokens = self._seq(seq_id), _token_list(tokens)
         self._reserve(self._blocks_needed(seq, len(tokens)))
-        return self._append(seq, tokens).to(self.device)
+        start = len(seq.tokens)
+        slots = self._append(seq, tokens)
+        self._mark_written(seq, start)
+        return slots.to(self.device)
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """A new sequence child_id sharing all of parent_id's blocks and tokens."""
@@ -381,22 +403,31 @@ class PagedKVCache:
         if child_id in self._seqs:
             raise ValueError(f"sequence {child_id!r} already exists")
         self._allocator.fork(parent.blocks)
-        self._seqs[child_id] = _Sequence(list(parent.tokens), list(parent.blocks), list(parent.keys))
+        self._seqs[child_id] = _Sequence(list(parent.tokens), list(parent.blocks), list(parent.keys),
+                                         parent.written)
 
     def free(self, seq_id: Hashable) -> None:
-        """Forget a sequence and drop its references; its cached blocks keep their contents."""
+        """Forget a sequence and drop its references; its cached blocks keep their contents,
+        and its blocks a pending step would have registered are never registered."""
         seq = self._seq(seq_id)
         del self._seqs[seq_id]
         self._release(seq.blocks)
 
     # -- batches for the kernels ----------------------------------------------------------
 
-    def plan(self, seq_ids: list[Hashable], new_tokens: list[Iterable[int]]) -> PagedBatch:
+    def plan(self, seq_ids: list[Hashable], new_tokens: list[Iterable[int]], *,
+             commit: bool = True) -> PagedBatch:
         """Append new tokens to each of seq_ids and plan the step that computes them.
 
         Args:
             seq_ids: distinct sequences of this cache, in the order of the step's rows.
             new_tokens: for each, the token ids (possibly none) whose K and V this step writes.
+            commit: register the full blocks the step completes in the prefix cache now, as
+                append does (the caller writes their K/V before anything reads them). False
+                holds them pending until commit(batch), which the caller calls once the
+                forward that writes them has returned; a failed step is never committed and
+                leaves no hit on unwritten pages. Either way a successful plan drops the
+                previous pending step if it was not committed.
         Returns:
             A PagedBatch on the cache device: the new tokens of seq_ids[b] are rows
             query_start_loc[b] .. of the step's input, written at slot_mapping.
@@ -411,6 +442,7 @@ class PagedKVCache:
             raise ValueError("a sequence appears twice in one step")
         seqs = [self._seq(seq_id) for seq_id in seq_ids]
         self._reserve(sum(self._blocks_needed(seq, len(t)) for seq, t in zip(seqs, new_tokens)))
+        starts_before = [len(seq.tokens) for seq in seqs]
         slots = [self._append(seq, tokens) for seq, tokens in zip(seqs, new_tokens)]
         lens = [len(seq.tokens) for seq in seqs]
         width = max([len(seq.blocks) for seq in seqs] + [1])
@@ -423,8 +455,48 @@ class PagedKVCache:
                 torch.tensor(lens, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32))
         # The cache made these; checking them on the host costs no synchronization.
         max_query_len, max_seq_len = _check_batch_values(*host, self.num_blocks, self.block_size)
-        return PagedBatch(*(t.to(self.device, non_blocking=True) for t in host), max_query_len, max_seq_len,
-                          self.num_blocks, self.block_size)
+        batch = PagedBatch(*(t.to(self.device, non_blocking=True) for t in host), max_query_len, max_seq_len,
+                           self.num_blocks, self.block_size)
+        self._pending = None
+        if commit:
+            for seq, start in zip(seqs, starts_before):
+                self._mark_written(seq, start)
+        else:
+            self._pending = (batch, [(seq_id, seq, start, len(seq.tokens))
+                                     for seq_id, seq, start in zip(seq_ids, seqs, starts_before)])
+        return batch
+
+    def commit(self, batch: PagedBatch) -> None:
+        """Record that the K/V of a step planned with commit=False are written (its forward
+        returned): the full blocks it completed join the prefix cache. Sequences freed since
+        the plan are skipped.
+
+        Raises:
+            ValueError when batch is not the pending step: planned with commit=True, already
+            committed, or superseded by a later plan (that step's blocks are never registered).
+        """
+        if self._pending is None or self._pending[0] is not batch:
+            raise ValueError("batch is not this cache's pending step: commit takes the batch of the last "
+                             "plan(..., commit=False), once")
+        _, entries = self._pending
+        self._pending = None
+        for seq_id, seq, start, end in entries:
+            if self._seqs.get(seq_id) is seq:
+                self._mark_written(seq, start, end)
+
+    def claim(self, owner) -> None:
+        """Tie this cache's K/V to owner, the model that writes them (generate claims it for
+        its model; any object with weak references). The first claim sets the owner; a claim
+        by any other object raises ValueError, since pages one model wrote, reused through the
+        prefix cache, would give another model wrong results."""
+        if self._owner is None:
+            self._owner = weakref.ref(owner)
+            return
+        current = self._owner()
+        if current is not owner:
+            was = "a model that no longer exists" if current is None else f"another {type(current).__name__}"
+            raise ValueError(f"cache holds K/V written by {was}: a PagedKVCache serves the one model that "
+                             f"first used it; make a new PagedKVCache for this {type(owner).__name__}")
 
     def block_tables(self, seq_ids: Iterable[Hashable]) -> torch.Tensor:
         """block_tables: int32 [len(seq_ids), max_blocks] on the cache device; max_blocks is
@@ -481,8 +553,15 @@ class PagedKVCache:
             self._copy_on_write(seq)
         seq.blocks += self._allocator.allocate(_cdiv(start + len(tokens), self.block_size) - len(seq.blocks))
         seq.tokens += tokens
-        self._register_full_blocks(seq)
         return self._slot_mapping(seq, start)
+
+    def _mark_written(self, seq: _Sequence, start: int, end: int | None = None) -> None:
+        """The K/V of seq.tokens[start:end] are written (end: all of them). That extends the
+        known-written prefix only if it continued it (start == seq.written): after a step
+        that was never committed, nothing past it is ever registered."""
+        if seq.written == start:
+            seq.written = len(seq.tokens) if end is None else end
+            self._register_full_blocks(seq)
 
     def _reserve(self, n: int) -> None:
         """Make n blocks free, evicting least recently used cached blocks only if needed."""
@@ -547,7 +626,7 @@ class PagedKVCache:
     def _register_full_blocks(self, seq: _Sequence) -> None:
         if not self.enable_prefix_caching:
             return
-        for i in range(len(seq.keys), len(seq.tokens) // self.block_size):
+        for i in range(len(seq.keys), seq.written // self.block_size):
             key = _BlockKey(seq.keys[-1] if seq.keys else None, self._block_tokens(seq.tokens, i))
             seq.keys.append(self._register(key, seq.blocks[i]))
 

@@ -39,15 +39,41 @@ def test_eval_prints_a_perplexity(smollm, smollm_path, capsys, tmp_path):
     assert out.split()[1] == f"{fourbit.perplexity(smollm, ids, 64, 2, progress=False):.4f}"
 
 
-def test_quantize_writes_a_directory_load_model_reads(smollm_path, tmp_path, capsys):
+def test_quantize_writes_a_directory_load_model_reads(smollm, smollm_path, tmp_path, capsys):
     """A GGUF's int4 layers pass through unchanged (no second rounding), and the directory
     carries the source's tokenizer."""
-    main(["quantize", str(smollm_path), str(tmp_path / "q"), "--group-size", "64"])
+    main(["quantize", str(smollm_path), str(tmp_path / "q")])
     model = fourbit.load_model(tmp_path / "q", device="cpu")
-    layers = [m for m in model.modules() if isinstance(m, fourbit.Int4Linear)]
-    # The GGUF's own Q4_1 layers stay as they are (group 32); only float layers would be re-quantized.
-    assert len(layers) == 4 * model.config.num_layers and {m.group_size for m in layers} == {32}
+    layers = _int4(model)
+    # The GGUF's own Q4_1 layers stay as they are (group 32); only float layers would be quantized.
+    assert len(layers) == 4 * model.config.num_layers and {m.group_size for m in layers.values()} == {32}
+    source = _int4(smollm)
+    assert all(torch.equal(m.qweight, source[n].qweight) for n, m in layers.items())
     assert fourbit.load_tokenizer(tmp_path / "q").encode("Hello") == fourbit.load_tokenizer(smollm_path).encode("Hello")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--group-size", "64"], r"argument --group-size: .* already has int4 layers: 120 at group 32 with offsets "
+                             r"\(layers.0.self_attn.qkv_proj, ...\).*group 64"),
+    (["--group-size", "32", "--symmetric"], r"argument --symmetric: .* 120 at group 32 with offsets.*symmetric"),
+], ids=["group-size-64", "symmetric"])
+def test_quantize_refuses_to_requantize_int4_layers(smollm_path, tmp_path, capsys, argv, named):
+    """The flags ask for something the GGUF's Q4_1 layers are not, and fourbit does not round
+    them a second time: a usage error naming the flag, the layers and their group size, and
+    nothing written (before, the command exited 0 having kept them at group 32)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(smollm_path), str(tmp_path / "q"), *argv])
+    assert exit_info.value.code == 2
+    assert re.search(named, capsys.readouterr().err)
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_refuses_a_group_size_the_int4_layers_do_not_have(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--group-size", "128", "--windows", "1", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert re.search(r"argument --group-size: smollm2-135m already has int4 layers: 120 at group 32",
+                     capsys.readouterr().err)
 
 
 def float_model_directory(directory, tokenizer):
@@ -100,9 +126,23 @@ def test_bad_arguments_exit(capsys):
     (["eval", "--backend", "tpu"], "argument --backend: invalid choice: 'tpu'"),
     (["generate", "--prompt", "x", "--symmetric"], "argument --symmetric: .*give --group-size"),
     (["eval", "--skip", "lm_head"], "argument --skip: .*give --group-size"),
-], ids=["group-size", "eval-group-size", "backend", "symmetric-alone", "skip-alone"])
-def test_bad_quantization_flags_are_usage_errors_naming_them(argv, named, capsys):
-    """Checked before anything loads: exit status 2 and the flag and value in the message."""
+    (["quantize", "src", "out", "--group-size", "48"], "argument --group-size: .*got 48"),
+    (["eval", "--window", "0"], r"argument --window: must be at least 2 .*got 0"),
+    (["eval", "--window", "1"], r"argument --window: must be at least 2 .*got 1"),
+    (["eval", "--windows", "0"], r"argument --windows: must be at least 1, got 0"),
+    (["eval", "--windows", "x"], r"argument --windows: expected an integer, got 'x'"),
+    (["demo", "--windows", "0"], r"argument --windows: must be at least 1, got 0"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-1"], r"argument --max-new-tokens: must be at least 0"),
+    (["generate", "--prompt", "x", "--top-k", "-1"], r"argument --top-k: must be at least 0"),
+    (["generate", "--prompt", "x", "--top-p", "1.5"], r"argument --top-p: must be in \(0, 1\], got 1.5"),
+    (["generate", "--prompt", "x", "--top-p", "0"], r"argument --top-p: must be in \(0, 1\], got 0"),
+    (["generate", "--prompt", "x", "--temperature", "nan"], r"argument --temperature: must be a number >= 0, got nan"),
+], ids=["group-size", "eval-group-size", "backend", "symmetric-alone", "skip-alone", "quantize-group-size-48",
+        "window-0", "window-1", "windows-0", "windows-not-a-number", "demo-windows-0", "max-new-tokens-negative",
+        "top-k-negative", "top-p-above-1", "top-p-0", "temperature-nan"])
+def test_bad_flags_are_usage_errors_naming_them(argv, named, capsys):
+    """Checked before anything loads: exit status 2 and the flag and value in the message
+    (never a ZeroDivisionError from --window 0, or "fewer than one window" for --windows 0)."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2

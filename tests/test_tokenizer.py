@@ -296,6 +296,30 @@ def test_decode_takes_tensors_and_replaces_invalid_utf8(tmp_path):
         tok.decode([tok.vocab_size])
 
 
+BAD_IDS = {
+    "float-list": ([97.0, 98.0], TypeError, r"ids\[0\] is 97.0: token ids are integers"),
+    "float-tensor": (torch.tensor([97.0, 98.5]), TypeError, r"ids\[0\] is 97.0 \(dtype torch.float32\)"),
+    "bool-tensor": (torch.tensor([True]), TypeError, r"ids\[0\] is True \(dtype torch.bool\)"),
+    "2d-tensor": (torch.tensor([[97, 98]]), ValueError, r"ids must be one sequence .*shape \(1, 2\)"),
+    "0d-tensor": (torch.tensor(97), ValueError, r"ids must be one sequence .*shape \(\)"),
+    "nested-list": ([[97, 98]], TypeError, r"ids\[0\] is \[97, 98\]"),
+    "an-int": (97, TypeError, r"ids must be a list of token ids .*got 97"),
+    "a-string": ("ab", TypeError, r"ids must be a list of token ids .*got 'ab'"),
+    "negative": ([-1], ValueError, r"token id -1 in ids is outside the vocabulary"),
+}
+
+
+@pytest.mark.parametrize("ids, error, named", BAD_IDS.values(), ids=BAD_IDS.keys())
+def test_decode_refuses_ids_that_are_not_one_sequence_of_ints(tmp_path, ids, error, named):
+    """Never a bare comparison error of lists or a silent cast of floats: the argument is named."""
+    tok = tiny(tmp_path)
+    with pytest.raises(error, match=named):
+        tok.decode(ids)
+    np = pytest.importorskip("numpy")
+    ids = tok.encode("abc ab")
+    assert tok.decode(np.array(ids)) == tok.decode([np.int64(i) for i in ids]) == "abc ab"  # numpy ints are ids
+
+
 @pytest.mark.parametrize("text", ["🦙", "👨‍👩‍👧", "中文", "é", "x\u0301"])
 def test_decode_of_partial_characters_matches_transformers(smollm2, reference, text):
     ids = smollm2.encode(text)
@@ -365,6 +389,43 @@ def test_chat_template_raise_exception_and_sandbox():
     with pytest.raises(jinja2.exceptions.SecurityError):  # a template cannot change the caller's messages
         Tokenizer(Backend(BPE()), {}, "{{ messages.append(1) }}").apply_chat_template(messages)
     assert messages == [{"role": "user", "content": "Hi"}]
+
+
+BAD_MESSAGES = {
+    "no-content": ([{"role": "user", "content": "Hi"}, {"role": "assistant"}], ValueError,
+                   r"messages\[1\] has no 'content'"),
+    "content-none": ([{"role": "user", "content": None}], ValueError, r"messages\[0\] has no 'content'"),
+    "no-role": ([{"content": "Hi"}], ValueError, r"messages\[0\] has no 'role'"),
+    "role-not-str": ([{"role": 1, "content": "Hi"}], TypeError, r"messages\[0\]\['role'\] is 1"),
+    "content-a-number": ([{"role": "user", "content": 7}], TypeError, r"messages\[0\]\['content'\] is 7"),
+    "message-a-str": (["Hi"], TypeError, r"messages\[0\] is 'Hi': expected a dict"),
+    "one-dict": ({"role": "user", "content": "Hi"}, TypeError, r"messages must be a list"),
+    "a-str": ("Hi", TypeError, r"messages must be a list"),
+}
+
+
+@pytest.mark.parametrize("messages, error, named", BAD_MESSAGES.values(), ids=BAD_MESSAGES.keys())
+def test_chat_messages_are_checked_naming_the_message(smollm2, messages, error, named):
+    """A template renders a missing key as nothing: the turn's text would vanish from the prompt."""
+    with pytest.raises(error, match=named):
+        smollm2.apply_chat_template(messages)
+
+
+TOOL_CALL_TEMPLATE = """\
+{% for m in messages %}{{ m.role }}: {{ m.content if m.content is not none and m.content is defined
+   else 'calls ' + m.tool_calls[0].function.name }}
+{% endfor %}"""
+
+
+def test_chat_tool_call_message_may_leave_out_content(smollm2, reference):
+    """As in transformers: an assistant turn that only calls tools has no content (or None)."""
+    call = [{"type": "function", "function": {"name": "weather", "arguments": {}}}]
+    ours = Tokenizer(smollm2.backend, smollm2.special_token_names, TOOL_CALL_TEMPLATE)
+    for tool_turn in ({"role": "assistant", "tool_calls": call}, {"role": "assistant", "content": None,
+                                                                  "tool_calls": call}):
+        messages = [{"role": "user", "content": "Weather?"}, tool_turn]
+        expected = reference.apply_chat_template(messages, chat_template=TOOL_CALL_TEMPLATE, tokenize=False)
+        assert ours.apply_chat_template(messages) == expected == "user: Weather?\nassistant: calls weather\n"
 
 
 def test_chat_template_is_required(tmp_path):

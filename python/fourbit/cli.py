@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .evaluate import decode_tokens_per_second, default_text, perplexity
 from .generate import generate
@@ -100,8 +102,39 @@ def eval_cmd(args) -> None:
 
 def quantize_cmd(args) -> None:
     model = load_model(args.src, device="cpu", quantize=args.config)
+    _check_kept_int4(model, args, args.src)
     out = save_model(model, args.out, load_tokenizer(args.src))
     print(f"wrote {out}: load it with fourbit.load_model({str(out)!r})")
+
+
+def _check_kept_int4(model, args, source) -> None:
+    """A usage error if --group-size or --symmetric was given and the source already has int4
+    layers (a GGUF's Q4_0 / Q4_1, a quantized checkpoint's) that the flags select but that do
+    not have that group size or symmetry. They are never quantized again: dequantizing and
+    rounding a second time loses accuracy the source's own int4 weights do not have, so the
+    command refuses rather than write something other than what was asked. Without the flags,
+    such layers are kept as they are."""
+    config, kept = args.config, {}
+    if config is None or not (args.group_size_given or args.symmetric):
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, Int4Linear):
+            continue
+        flags = [flag for flag, wrong in (("--group-size", args.group_size_given and
+                                           module.group_size != config.group_size),
+                                          ("--symmetric", args.symmetric and not module.symmetric)) if wrong]
+        probe = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        if flags and config.quantizes(name, probe):
+            kept.setdefault((module.group_size, module.symmetric, tuple(flags)), []).append(name)
+    if kept:
+        flags = sorted({flag for _, _, wrong in kept for flag in wrong})
+        found = "; ".join(f"{len(names)} at group {group} {'symmetric' if symmetric else 'with offsets'} "
+                          f"({names[0]}, ...)" for (group, symmetric, _), names in sorted(kept.items()))
+        asked = " ".join(([f"group {config.group_size}"] if args.group_size_given else [])
+                         + (["symmetric"] if args.symmetric else []))
+        args.parser.error(f"argument {'/'.join(flags)}: {source} already has int4 layers: {found}. fourbit "
+                          f"does not round int4 weights a second time to make them {asked}: leave out "
+                          f"{' and '.join(flags)} to keep them as they are, or start from the float model")
 
 
 def bench_cmd(args) -> None:
@@ -115,15 +148,45 @@ def bench_cmd(args) -> None:
 def _load(args):
     """The --model, quantized at load by args.config if given, its int4 layers on --backend."""
     model = load_model(args.model, device=args.device, quantize=args.config)
+    _check_kept_int4(model, args, args.model)
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.backend = args.backend
     return model
 
 
+def _int_at_least(low: int, why: str = ""):
+    """An argparse type: an integer >= low; anything else is a usage error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{why}, got {value}")
+        return value
+    return parse
+
+
+def _number_where(ok, description: str):
+    """An argparse type: a finite number for which ok(value) holds (description says which)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
+        return value
+    return parse
+
+
 def _config(args, parser) -> Int4WeightOnlyConfig | None:
     """The Int4WeightOnlyConfig the quantization flags ask for (None: --group-size 0); an
     impossible value or combination is an argparse error naming it."""
+    args.group_size_given = args.group_size is not None
+    if args.group_size is None:
+        args.group_size = args.default_group_size
     options = {"symmetric": True} if args.symmetric else {}
     if args.skip is not None:
         options["skip"] = tuple(args.skip)
@@ -144,12 +207,13 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("demo", help="the embedded SmolLM2-135M: int4 vs float, chat, speed, perplexity")
     p.add_argument("--device", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--windows", type=int, default=8, help="512-token windows for perplexity")
+    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=64)
+    p.add_argument("--windows", type=_int_at_least(1), default=8, help="512-token windows for perplexity")
     p.set_defaults(func=demo)
 
     def quantize_args(p, group_size: int, help: str):
-        p.add_argument("--group-size", type=int, default=group_size, help=help)
+        p.add_argument("--group-size", type=int, default=None, help=help)
+        p.set_defaults(default_group_size=group_size, parser=p)
         p.add_argument("--symmetric", action="store_true", help="offsets fixed at -8 * scale")
         p.add_argument("--skip", action="append", metavar="PATTERN", default=None,
                        help="keep layers matching this fnmatch pattern float (repeatable; default lm_head)")
@@ -163,10 +227,12 @@ def main(argv=None) -> None:
     p = sub.add_parser("generate", help="continue a prompt")
     model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=128)
+    p.add_argument("--temperature", type=_number_where(lambda t: t >= 0, "a number >= 0"), default=0.0,
+                   help="0: greedy")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0: no limit")
+    p.add_argument("--top-p", type=_number_where(lambda p: 0 < p <= 1, "in (0, 1]"), default=1.0,
+                   help="1: every token")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
     p.set_defaults(func=generate_cmd)
@@ -174,14 +240,17 @@ def main(argv=None) -> None:
     p = sub.add_parser("eval", help="perplexity over fixed windows")
     model_args(p)
     p.add_argument("--text", default=None, help="a text file (default: CPython's pydoc_data.topics)")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--window", type=_int_at_least(2, " (a window scores its tokens 1 .. window-1)"), default=512,
+                   help="tokens per window")
+    p.add_argument("--windows", type=_int_at_least(1), default=None, help="score only the first N windows")
     p.set_defaults(func=eval_cmd)
 
     p = sub.add_parser("quantize", help="write a quantized model directory")
     p.add_argument("src")
     p.add_argument("out")
-    quantize_args(p, 128, "group size: 32, 64, 128, 256 or -1 (one group per row)")
+    quantize_args(p, 128, "group size of the float layers: 32, 64, 128 (default), 256 or -1 (one group per "
+                  "row); int4 layers of the source are kept as they are, and asking for another group size "
+                  "for them is an error")
     p.set_defaults(func=quantize_cmd)
 
     p = sub.add_parser("bench", help="run the benchmark suites for this device (bench/run.py)")

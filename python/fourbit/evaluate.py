@@ -4,6 +4,7 @@ evaluation text, and decode tokens per second."""
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 import time
 
@@ -31,14 +32,43 @@ def perplexity(model, token_ids, window: int = 512, max_windows: int | None = No
 
     Args:
         model: a Llama (its plain causal forward is used).
-        token_ids: list[int] or int64 tensor [T].
-        max_windows: score only the first this many windows.
+        token_ids: list[int] or 1-D integer tensor [T], ids below the model's vocab_size.
+        window: tokens per window, at least 2.
+        max_windows: score only the first this many windows (None: all; else at least 1).
+        batch_size: windows per forward, at least 1.
+    Raises:
+        TypeError: token_ids not integers, or a window, max_windows or batch_size that is not
+            an int.
+        ValueError: token_ids not 1-D or outside the vocabulary, a window below 2, a
+            max_windows or batch_size below 1, or fewer tokens than one window; each names
+            the argument.
     """
-    ids = torch.as_tensor(token_ids, dtype=torch.int64)
+    for name, value, low in (("window", window, 2), ("max_windows", max_windows, 1), ("batch_size", batch_size, 1)):
+        if value is None and name == "max_windows":
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    try:
+        ids = torch.as_tensor(token_ids)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"token_ids must be a list of token ids (ints) or a 1-D integer tensor: {error}") from None
+    if ids.dim() != 1:
+        raise ValueError(f"token_ids must be one sequence (1-D), got shape {tuple(ids.shape)}")
+    if len(ids) and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+        raise TypeError(f"token_ids must be integer token ids, got dtype {ids.dtype}")
+    ids = ids.to(torch.int64)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if len(ids):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or vocab_size is not None and high >= vocab_size:
+            raise ValueError(f"token_ids holds {low if low < 0 else high}, outside the model's vocabulary "
+                             f"(ids 0 .. {vocab_size - 1 if vocab_size is not None else 'vocab_size - 1'})")
     count = len(ids) // window if max_windows is None else min(len(ids) // window, max_windows)
     if count == 0:
-        raise ValueError(f"the text has {len(ids)} tokens: fewer than one window of {window}")
-    windows = ids[: count * window].view(count, window)
+        raise ValueError(f"token_ids has {len(ids)} tokens: fewer than one window of {window}")
+    windows = ids[: count * window].view(count, int(window))
     total, n = 0.0, 0
     for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch", disable=not progress or None):
         chunk = windows[start:start + batch_size].to(model.device)

@@ -17,7 +17,11 @@ Two ways to run it:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import numbers
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,26 +59,90 @@ class LlamaConfig:
                  "num_kv_heads": "num_key_value_heads"}
 
     @classmethod
-    def from_hf(cls, config: dict) -> LlamaConfig:
-        """From a Hugging Face config.json (llama, mistral, qwen2 model types)."""
+    def from_hf(cls, config: dict | str | os.PathLike) -> LlamaConfig:
+        """From a Hugging Face config.json (llama, mistral, qwen2 model types): its parsed dict,
+        or the path of the file (a str or Path), which the errors then name.
+
+        Raises:
+            ValueError: the file is not JSON or not a JSON object; a required key
+                (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+                num_attention_heads) is missing; a value has the wrong type or range (sizes
+                positive integers, num_attention_heads a multiple of num_key_value_heads, an
+                even head_dim, positive rms_norm_eps and rope_theta, booleans, token ids);
+                or the model is one fourbit cannot run (model_type, hidden_act, sliding
+                window, rope scaling). The message names the key, and the file if given.
+        """
+        where = "config.json"
+        if isinstance(config, (str, os.PathLike)):
+            where = str(config)
+            try:
+                config = json.loads(Path(config).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{where} is not valid JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{where} must hold a JSON object (a dict), got {type(config).__name__}")
+
+        def bad(key: str, expected: str):
+            return ValueError(f"{where}: {key} is {config[key]!r}: expected {expected}")
+
         model_type = config.get("model_type", "llama")
         if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"model_type {model_type!r} is not a Llama-family decoder fourbit can run "
+            raise ValueError(f"{where}: model_type {model_type!r} is not a Llama-family decoder fourbit can run "
                              "(llama, mistral, qwen2)")
         if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (silu only)")
-        if config.get("sliding_window") and config.get("use_sliding_window", model_type == "mistral") and \
-                config["sliding_window"] < config.get("max_position_embeddings", 0):
-            raise ValueError("sliding-window attention is not supported")
+            raise ValueError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
+        missing = [key for key in _HF_REQUIRED if config.get(key) is None]
+        if missing:
+            raise ValueError(f"{where}: required key(s) {missing} missing (or null)")
+        for key in _HF_POSITIVE_INTS:
+            if config.get(key) is not None and not (_is_int(config[key]) and config[key] > 0):
+                raise bad(key, "a positive integer")
+        for key in ("rms_norm_eps", "rope_theta"):
+            if config.get(key) is not None and not (_is_number(config[key]) and config[key] > 0):
+                raise bad(key, "a positive number")
+        for key in ("tie_word_embeddings", "attention_bias", "use_sliding_window"):
+            if config.get(key) is not None and not isinstance(config[key], bool):
+                raise bad(key, "true or false")
+        if config.get("bos_token_id") is not None and not _is_token_id(config["bos_token_id"]):
+            raise bad("bos_token_id", "a token id (an integer >= 0) or null")
+        eos = config.get("eos_token_id")
+        if eos is not None and not (_is_token_id(eos) or isinstance(eos, list) and all(map(_is_token_id, eos))):
+            raise bad("eos_token_id", "a token id, a list of token ids, or null")
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ValueError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                             f"({kv_heads})")
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        if head_dim == 0 or head_dim % 2:
+            derived = "" if config.get("head_dim") else " = hidden_size // num_attention_heads"
+            raise ValueError(f"{where}: head_dim ({head_dim}{derived}) must be a positive even number: rotary "
+                             "embeddings rotate pairs of channels")
+        window = config.get("sliding_window")
+        if window is not None and not (_is_int(window) and window > 0):
+            raise bad("sliding_window", "a positive integer or null")
+        if window and config.get("use_sliding_window", model_type == "mistral") and \
+                window < config.get("max_position_embeddings", 0):
+            raise ValueError(f"{where}: sliding-window attention is not supported (sliding_window {window})")
+        # Newer transformers keep rope settings in "rope_parameters".
+        rope = config.get("rope_parameters")
+        if rope is not None and not isinstance(rope, dict):
+            raise bad("rope_parameters", "an object (a dict) or null")
+        rope = rope or {}
+        if config.get("rope_theta") is None and rope.get("rope_theta") is not None and \
+                not (_is_number(rope["rope_theta"]) and rope["rope_theta"] > 0):
+            raise ValueError(f"{where}: rope_parameters.rope_theta is {rope['rope_theta']!r}: expected a positive "
+                             "number")
+
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {name: config[cls._HF_NAMES.get(name, name)] for name in fields
                   if cls._HF_NAMES.get(name, name) in config and config[cls._HF_NAMES.get(name, name)] is not None}
         values.setdefault("num_kv_heads", values["num_heads"])
-        # Newer transformers keep rope settings in "rope_parameters".
-        rope = config.get("rope_parameters") or {}
         values.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
         if values.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
             values["rope_scaling"] = rope
+        key = "rope_scaling" if config.get("rope_scaling") is not None else "rope_parameters"
+        _check_rope_scaling(values.get("rope_scaling"), f"{where}: {key}")
         if model_type == "qwen2":
             values["attention_bias"] = True
         return cls(**values)
@@ -85,6 +153,44 @@ class LlamaConfig:
         out.update(model_type="qwen2" if self.attention_bias else "llama", hidden_act="silu",
                    architectures=["Qwen2ForCausalLM" if self.attention_bias else "LlamaForCausalLM"])
         return out
+
+
+# config.json keys from_hf needs, and those that must be positive integers when present.
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_HF_POSITIVE_INTS = (*_HF_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings")
+# The rope scalings rope_inv_freq applies, and the numbers each needs.
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_token_id(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _check_rope_scaling(scaling, where: str) -> None:
+    """Raise ValueError (prefixed by `where`) unless scaling is None or a rope scaling rope_inv_freq
+    applies, with positive numbers for each key it needs."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{where} is {scaling!r}: expected an object (a dict) or null")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"{where}: rope_type {kind!r} is not supported ({', '.join(ROPE_SCALING_KEYS)})")
+    for key in ROPE_SCALING_KEYS[kind]:
+        if not (_is_number(scaling.get(key)) and scaling[key] > 0):
+            raise ValueError(f"{where}: {key} is {scaling.get(key)!r}: {kind} scaling needs a positive number")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"{where}: high_freq_factor ({scaling['high_freq_factor']}) must be greater than "
+                         f"low_freq_factor ({scaling['low_freq_factor']})")
 
 
 # Architectures the benchmarks build with random weights (and whose layer shapes they time).

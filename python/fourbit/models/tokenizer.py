@@ -17,8 +17,10 @@ user-defined tokens are matched whole as well.
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -101,19 +103,39 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
-        """Text of token ids (a list of ints or a 1-D tensor), special tokens as their text; bytes
-        that are not valid UTF-8 become U+FFFD."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        """Text of token ids (a list of ints or a 1-D integer tensor or array), special tokens as
+        their text; bytes that are not valid UTF-8 become U+FFFD. Raises TypeError for ids that
+        are not integers (floats, bools, nested lists) and ValueError for a tensor that is not
+        1-D or an id outside the vocabulary."""
+        if hasattr(ids, "ndim") and hasattr(ids, "tolist"):  # a tensor or array
+            if ids.ndim != 1:
+                raise ValueError(f"ids must be one sequence (a 1-D tensor), got shape {tuple(ids.shape)}; "
+                                 "decode each row on its own")
+            kind, ids = f" (dtype {ids.dtype})", ids.tolist()
+        elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TypeError(f"ids must be a list of token ids (ints) or a 1-D integer tensor, got {ids!r}")
+        else:
+            kind, ids = "", list(ids)
+        for i, token in enumerate(ids):
+            if not isinstance(token, numbers.Integral) or isinstance(token, bool):
+                raise TypeError(f"ids[{i}] is {token!r}{kind}: token ids are integers")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        return self.backend.decode(ids, skip_special_tokens=False)
+            raise ValueError(f"token id {bad[0]} in ids is outside the vocabulary (size {self.vocab_size})")
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
         """The prompt text of `messages` ({"role", "content"} dicts) in the model's chat template,
         rendered as transformers' apply_chat_template(tokenize=False) renders it; `variables`
-        (tools, documents, enable_thinking, ...) are passed to the template. Raises ValueError when
-        the model has no chat template."""
+        (tools, documents, enable_thinking, ...) are passed to the template.
+
+        Raises:
+            TypeError: messages is not a list of dicts, or a role or content of another type.
+            ValueError: a message without "role", or without "content" (which only an assistant
+                message with "tool_calls" may leave out or set to None), named by its index;
+                or the model has no chat template.
+        """
+        _check_messages(messages)
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json, "
                              "chat_template.jinja or the GGUF's tokenizer.chat_template)")
@@ -249,6 +271,27 @@ def _bos_eos_processor(bos: str | None, eos: str | None, backend: Backend) -> pr
 def _content(token) -> str | None:
     """A tokenizer_config.json token: a string, or an AddedToken dict with its content."""
     return token.get("content") if isinstance(token, dict) else token
+
+
+def _check_messages(messages) -> None:
+    """Raise unless messages is a list of {"role": str, "content": str | list} dicts. A template
+    renders a missing key as an empty string (silently dropping a turn's text) or fails deep
+    inside jinja2; this names the message instead."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {messages!r}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"messages[{i}] is {message!r}: expected a dict with 'role' and 'content'")
+        if "role" not in message:
+            raise ValueError(f"messages[{i}] has no 'role' (keys: {list(message)})")
+        if not isinstance(message["role"], str):
+            raise TypeError(f"messages[{i}]['role'] is {message['role']!r}: expected a str")
+        content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            raise ValueError(f"messages[{i}] has no 'content' (keys: {list(message)}); only a message with "
+                             "'tool_calls' may leave it out")
+        if content is not None and not isinstance(content, (str, list, tuple)):
+            raise TypeError(f"messages[{i}]['content'] is {content!r}: expected a str or a list of content parts")
 
 
 def _compile_chat_template(source: str):

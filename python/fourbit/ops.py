@@ -24,7 +24,7 @@ import torch
 from . import dispatch, reference
 from .backends import _C, BACKENDS, available_backends, unavailable
 from .dispatch import choose_attention_backend, choose_backend
-from .format import COMPUTE_DTYPES, Int4Weight, prepack_mma_weight
+from .format import COMPUTE_DTYPES, Int4Weight, dequantize, prepack_mma_weight, unpack_mma_weight
 from .kv_cache import PagedBatch
 
 __all__ = ["BACKENDS", "available_backends", "choose_attention_backend", "choose_backend", "int4_linear", "linear",
@@ -90,6 +90,38 @@ def _paged_prefill_attention_impl(q, k_cache, v_cache, block_tables, seq_lens, q
                                              max_query_len, scale)
 
 
+# ---- Autograd of int4_mm: gradients for x and bias, the int4 weight frozen ----
+# What adapter fine-tuning (LoRA / QLoRA) over a frozen int4 model needs. Every backend
+# shares one backward, through dequantization: grad_x = grad_out @ W, with W = q s + m
+# dequantized to fp32 (as reference.int4_mm does) and the product accumulated in fp32, then
+# returned in x's dtype; grad_bias = grad_out summed over the rows. W is transient (one fp32
+# [N, K] matrix per backward call; nothing is cached). The "cuda" backend's weight is in its
+# own layout, converted back to canonical exactly (format.unpack_mma_weight) first.
+
+def _int4_mm_setup_context(ctx, inputs, output):
+    x, qweight, scales, offsets, group_len, bias, backend = inputs
+    ctx.save_for_backward(qweight, scales, offsets)
+    ctx.group_len, ctx.backend, ctx.k, ctx.x_dtype = group_len, backend, x.shape[1], x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _int4_mm_backward(ctx, grad_out):
+    qweight, scales, offsets = ctx.saved_tensors
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise RuntimeError("int4_mm: the int4 weight is frozen, its scales and offsets get no gradient; "
+                           "detach them (Int4Linear holds them as buffers) and train an adapter instead")
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        if ctx.backend == "cuda":  # the kernel's layout: scales, offsets [groups, N]
+            groups, n = scales.shape
+            qweight, scales, offsets = unpack_mma_weight(qweight, scales, offsets, n, ctx.k, groups * ctx.group_len)
+        w = dequantize(qweight, scales, offsets, ctx.group_len, ctx.k, torch.float32)
+        grad_x = (grad_out.to(torch.float32) @ w).to(ctx.x_dtype)
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad_out.to(torch.float32).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias, None
+
+
 _IMPLS = {"int4_mm": _int4_mm_impl, "write_kv": _write_kv_impl, "paged_attention": _paged_attention_impl,
           "paged_prefill_attention": _paged_prefill_attention_impl}
 
@@ -118,13 +150,21 @@ if _C is not None:
                                       scale, backend):
         return torch.empty_like(q)
 
+    torch.library.register_autograd("fourbit::int4_mm", _int4_mm_backward, setup_context=_int4_mm_setup_context)
+
     _int4_mm = torch.ops.fourbit.int4_mm
     _write_kv = torch.ops.fourbit.write_kv
     _paged_attention = torch.ops.fourbit.paged_attention
     _paged_prefill_attention = torch.ops.fourbit.paged_prefill_attention
 else:
-    # Without the extension the ops are plain Python; torch.compile traces into them.
-    _int4_mm, _write_kv = _int4_mm_impl, _write_kv_impl
+    # Without the extension the ops are plain Python; torch.compile traces into them. int4_mm
+    # keeps the same backward (a kernel backend's output has no autograd history of its own).
+    class _Int4MM(torch.autograd.Function):
+        forward = staticmethod(_int4_mm_impl)
+        setup_context = staticmethod(_int4_mm_setup_context)
+        backward = staticmethod(_int4_mm_backward)
+
+    _int4_mm, _write_kv = _Int4MM.apply, _write_kv_impl
     _paged_attention, _paged_prefill_attention = _paged_attention_impl, _paged_prefill_attention_impl
 
 
@@ -192,7 +232,9 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None =
             "cuda" to force it (RuntimeError if it cannot run here). "cuda" converts the weight
             to its layout on every call: for repeated calls use Int4Linear, which prepacks once.
     Returns:
-        [..., N] in x's dtype.
+        [..., N] in x's dtype. Differentiable in x and bias on every backend (the weight is
+        frozen): the backward is the transposed product through dequantization (above the
+        fakes, _int4_mm_backward), what training an adapter over int4 layers needs.
     """
     if not isinstance(weight, Int4Weight):
         raise TypeError(f"weight must be a fourbit.Int4Weight, got {type(weight).__name__}")

@@ -101,16 +101,26 @@ def test_errors_name_the_problem():
         fourbit.int4_linear(torch.randn(2, 256, device="meta"), weight.to("meta"), backend="cpu")
 
 
-@pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")
-@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
-def test_cpu_kernel_every_instruction_set(isa, monkeypatch):
-    """FOURBIT_CPU_ISA forces a path; each the CPU has must match the reference."""
+CPU_ISAS = ["portable", "avx2", "avx512"]
+
+
+def force_cpu_isa(isa: str, monkeypatch) -> None:
+    """Make the CPU kernel run its `isa` path (FOURBIT_CPU_ISA) for this test; skip if the
+    CPU lacks it."""
+    if ops._C is None:
+        pytest.skip("needs fourbit._C")
     monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
     try:
         assert ops._C.int4_mm_cpu_isa() == isa
     except RuntimeError as error:
         assert "does not support" in str(error)
         pytest.skip(f"this CPU has no {isa}")
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_kernel_every_instruction_set(isa, monkeypatch):
+    """FOURBIT_CPU_ISA forces a path; each the CPU has must match the reference."""
+    force_cpu_isa(isa, monkeypatch)
     for m, (n, k), group_size in [(1, (37, 1000), -1), (1, (64, 576), 32), (3, (40, 520), 64), (9, (33, 1000), 256)]:
         weight, dense = random_int4_weight(n, k, group_size, False, torch.float32)
         x = torch.randn(m, k)
@@ -137,9 +147,12 @@ def test_cpu_kernel_checks_its_inputs():
 
 @pytest.mark.skipif(ops._C is None, reason="the op is registered by fourbit._C")
 @pytest.mark.parametrize("device,backend", backend_cases("int4_mm"))
-def test_opcheck(device, backend):
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_opcheck(requires_grad, device, backend):
     """Schema, fake and implementation agree on every backend (Triton through its interpreter
-    on the CPU); the "cuda" backend takes its own layout (format.prepack_mma_weight)."""
+    on the CPU); the "cuda" backend takes its own layout (format.prepack_mma_weight). With
+    x and bias requiring grad, opcheck also checks the autograd registration and the backward
+    under AOT dispatch (torch.compile's) against eager (test_autograd.py checks the values)."""
     need(device, backend)
     weight, _ = random_int4_weight(48, 320, 64, False, torch.bfloat16, device)
     tensors = (weight.qweight, weight.scales, weight.offsets)
@@ -149,4 +162,10 @@ def test_opcheck(device, backend):
                     (torch.randn(1, 320, device=device).bfloat16(), torch.randn(48, device=device).bfloat16())]:
         if backend == "cuda" and x.dtype == torch.float32:
             continue
-        torch.library.opcheck(torch.ops.fourbit.int4_mm.default, (x, *tensors, 64, bias, backend))
+        for t in (x, bias) if requires_grad else ():
+            if t is not None:
+                t.requires_grad_()
+        args = (x, *tensors, 64, bias, backend)
+        torch.library.opcheck(torch.ops.fourbit.int4_mm.default, args)
+        # opcheck's autograd checks pass vacuously on an output without autograd history.
+        assert (torch.ops.fourbit.int4_mm.default(*args).grad_fn is not None) == requires_grad

@@ -100,26 +100,23 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
 
   const Isa isa = pick_isa();
   const int width = isa == Isa::kAvx512 ? 16 : 8;  // the portable kernel is 8 wide too
-  const bool factored = cpu::int4_use_factored(m, group_len, groups, width);
+  const bool dot = cpu::int4_use_dot(m, group_len, groups, width);
   const auto x32 = x.to(at::kFloat).contiguous();
   const auto s32 = scales.to(at::kFloat).contiguous();
   const auto m32 = offsets.to(at::kFloat).contiguous();
   const auto w = qweight.contiguous();
   const auto b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
-  // The factored schedule reads x permuted to the register layout, plus per-group sums of x
-  // (int4_cpu.h); both are built once per call. The blocked GEMM reads x as it is.
-  at::Tensor xp, xsum;
-  if (factored) {
+  // The dot-product schedule reads x permuted to the register layout (int4_cpu.h), built
+  // once per call. The blocked GEMM reads x as it is.
+  at::Tensor xp;
+  if (dot) {
     xp = at::empty({m, k_padded}, out.options());
-    xsum = at::empty({m, groups}, out.options());
-    cpu::int4_prepare_activations(x32.data_ptr<float>(), m, k, k_padded, group_len, groups, width,
-                                  xp.data_ptr<float>(), xsum.data_ptr<float>());
+    cpu::int4_prepare_activations(x32.data_ptr<float>(), m, k, k_padded, width, xp.data_ptr<float>());
   }
 
   const cpu::Int4MatmulArgs args{x32.data_ptr<float>(),
-                                 factored ? xp.data_ptr<float>() : nullptr,
-                                 factored ? xsum.data_ptr<float>() : nullptr,
+                                 dot ? xp.data_ptr<float>() : nullptr,
                                  w.data_ptr<int32_t>(),
                                  s32.data_ptr<float>(),
                                  m32.data_ptr<float>(),
@@ -130,13 +127,13 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
               : isa == Isa::kAvx2 ? cpu::int4_matmul_rows_avx2
                                   : cpu::int4_matmul_rows_portable;
   // Threads take contiguous ranges of whole units of output rows (a GEMM panel, or a pass
-  // of the factored schedule), so only the last unit of the last range is partial. A grain
+  // of the dot-product schedule), so only the last unit of the last range is partial. A grain
   // of 2 units (>= 16 rows, >= 16 x K/2 bytes of weights) amortizes the scheduling.
-  const int64_t unit = cpu::int4_rows_per_unit(factored, width);
+  const int64_t unit = cpu::int4_rows_per_unit(dot, width);
   const int64_t units = (n + unit - 1) / unit;
   at::parallel_for(0, units, 2, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(factored ? 0 : cpu::int4_scratch_floats(width));
-    rows(args, factored, begin * unit, std::min(end * unit, n), scratch.data());
+    std::vector<float> scratch(dot ? 0 : cpu::int4_scratch_floats(width));
+    rows(args, dot, begin * unit, std::min(end * unit, n), scratch.data());
   });
   return out.to(x.scalar_type());
 }

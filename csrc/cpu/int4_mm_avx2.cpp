@@ -22,10 +22,18 @@ struct Avx2 {
   static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   static vec broadcast(float s) { return _mm256_set1_ps(s); }
   static ivec load_words(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  // Shift, mask, convert: nibble i of all 8 words. q <= 15 converts exactly.
+  // Shift, mask, convert: nibble i of all 8 words. q <= 15 converts exactly. The top
+  // nibble needs no mask (i is a constant wherever the loops are unrolled).
   static vec nibble(ivec w, int i) {
-    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4 * i), _mm256_set1_epi32(0xF)));
+    const ivec shifted = _mm256_srli_epi32(w, 4 * i);
+    return _mm256_cvtepi32_ps(i == 7 ? shifted : _mm256_and_si256(shifted, _mm256_set1_epi32(0xF)));
   }
+  // One group's scale and offset, broadcast: w = q s + m, one FMA after the convert.
+  struct group_t {
+    vec s, m;
+  };
+  static group_t group(float s, float m) { return {_mm256_set1_ps(s), _mm256_set1_ps(m)}; }
+  static vec weights(ivec w, int i, const group_t& g) { return _mm256_fmadd_ps(nibble(w, i), g.s, g.m); }
   // Groups of 32 columns: words 0-3 of a 64-column register are one group, 4-7 the next.
   static vec lane_scales(const float* p, int /*per == 2*/) { return _mm256_set_m128(_mm_set1_ps(p[1]), _mm_set1_ps(p[0])); }
   static ivec row_offsets(int first, int64_t last, int64_t stride) {
@@ -48,9 +56,8 @@ struct Avx2 {
 
 }  // namespace
 
-void int4_matmul_rows_avx2(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
-                           float* scratch) {
-  int4_rows<Avx2>(a, factored, n_begin, n_end, scratch);
+void int4_matmul_rows_avx2(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch) {
+  int4_rows<Avx2>(a, dot, n_begin, n_end, scratch);
 }
 
 }  // namespace cpu

@@ -24,9 +24,16 @@ struct Avx512 {
   static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   static vec broadcast(float s) { return _mm512_set1_ps(s); }
   static ivec load_words(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static vec nibble(ivec w, int i) {
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, 4 * i), _mm512_set1_epi32(0xF)));
-  }
+  // vpermps reads only the low 4 bits of each index lane, so after the shift a lookup in
+  // a 16-entry table both masks the nibble and maps it: to float(q) in `nibble`, or straight
+  // to the dequantized weight q s + m in `weights` (shift + lookup, no mask, no convert).
+  static ivec shifted(ivec w, int i) { return i == 0 ? w : _mm512_srli_epi32(w, 4 * i); }
+  static vec iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static vec nibble(ivec w, int i) { return _mm512_permutexvar_ps(shifted(w, i), iota()); }
+  // One group's table: entry q = fp32 q s + m (one rounding, as the reference computes it).
+  using group_t = vec;
+  static group_t group(float s, float m) { return _mm512_fmadd_ps(iota(), _mm512_set1_ps(s), _mm512_set1_ps(m)); }
+  static vec weights(ivec w, int i, group_t table) { return _mm512_permutexvar_ps(shifted(w, i), table); }
   // `per` (2 or 4) groups in a 128-column register: quarter q of the lanes (4 words,
   // 32 columns) belongs to group q * per / 4.
   static vec lane_scales(const float* p, int per) {
@@ -56,9 +63,8 @@ struct Avx512 {
 
 }  // namespace
 
-void int4_matmul_rows_avx512(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
-                             float* scratch) {
-  int4_rows<Avx512>(a, factored, n_begin, n_end, scratch);
+void int4_matmul_rows_avx512(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch) {
+  int4_rows<Avx512>(a, dot, n_begin, n_end, scratch);
 }
 
 }  // namespace cpu

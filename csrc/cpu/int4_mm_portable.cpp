@@ -51,6 +51,12 @@ struct Portable {
     for (int l = 0; l < W; ++l) r.v[l] = static_cast<float>((w.v[l] >> (4 * i)) & 0xF);
     return r;
   }
+  // One group's scale and offset, broadcast: w = q s + m.
+  struct group_t {
+    vec s, m;
+  };
+  static group_t group(float s, float m) { return {broadcast(s), broadcast(m)}; }
+  static vec weights(const ivec& w, int i, const group_t& g) { return fma(nibble(w, i), g.s, g.m); }
   // Groups of 32 columns: words 0-3 are one group, 4-7 the next (per == 2).
   static vec lane_scales(const float* p, int /*per*/) {
     vec r;
@@ -86,13 +92,11 @@ struct Portable {
 
 }  // namespace
 
-void int4_matmul_rows_portable(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
-                               float* scratch) {
-  int4_rows<Portable>(a, factored, n_begin, n_end, scratch);
+void int4_matmul_rows_portable(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch) {
+  int4_rows<Portable>(a, dot, n_begin, n_end, scratch);
 }
 
-void int4_prepare_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
-                              int64_t groups, int width, float* xp, float* xsum) {
+void int4_prepare_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int width, float* xp) {
   const int64_t block_cols = 8 * static_cast<int64_t>(width);
   const int64_t full_blocks = (k_padded / 8) / width;
   for (int64_t r = 0; r < m; ++r) {
@@ -105,11 +109,6 @@ void int4_prepare_activations(const float* x, int64_t m, int64_t k, int64_t k_pa
           out[b * block_cols + i * width + l] = col < k ? xr[col] : 0.f;
         }
     for (int64_t col = full_blocks * block_cols; col < k_padded; ++col) out[col] = col < k ? xr[col] : 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      float sum = 0.f;
-      for (int64_t col = g * group_len; col < (g + 1) * group_len && col < k; ++col) sum += xr[col];
-      xsum[r * groups + g] = sum;
-    }
   }
 }
 

@@ -4,12 +4,24 @@
 //
 // Two schedules, both dequantizing in registers (the float weight matrix never exists):
 //
-// 1. Factored (few rows of x, decode). Memory-bound on the packed weights, so the weights
-//    are read exactly once and the per-weight work is minimal. Per group,
-//    sum_k x (q s + m) = s * sum_k x q + m * sum_k x: the inner loop is one multiply-add of
-//    x by the integer q per weight, the scale is applied once per group (or once per vector
-//    when groups are shorter than a vector), and the offsets meet the per-group sums of x
-//    (xsum, computed once per call) once per output.
+// 1. Dot products (few rows of x, decode). Memory-bound on the packed weights, so the
+//    weights are read exactly once and the per-weight work is minimal: each register of
+//    words is unpacked, dequantized to fp32 in registers, w = q s + m (as reference.py
+//    computes it, one rounding), and multiply-added with x for every row of x, accumulating
+//    in fp32 along K. On AVX-512 the dequantization is a single table lookup (vpermps on the
+//    group's 16 values q s + m) when a group covers whole registers.
+//
+//    Why not factor the scale and offset out of the sum, s * sum_k x q + m * sum_k x per
+//    group (one FMA per weight instead of two)? That loses what the reference keeps: the two
+//    terms are large and of opposite sign whenever x is mostly of one sign (constant or
+//    non-negative activations: post-ReLU outputs, probabilities), so their fp32 cancellation
+//    cost 19-101x the reference's error; x q overflows fp32 where x w does not (|x| near
+//    1e36); and an infinite x gave inf - inf = NaN where x @ W.T gives inf (issue 16, item 8).
+//    Dequantizing first has none of these. Its cost, measured against the factored form on
+//    this project's AVX-512 machine (N = K = 4096, g = 128, M = 1, one thread, CPU time):
+//    AVX-512 is faster, the table lookup replacing the mask and the convert (cold weights
+//    -8%, weights in L2 -20%); AVX2 and portable pay the extra FMA (cold +10%, in L2 +17%;
+//    portable in L2 +44%).
 //
 //    Activation layout. A SIMD register of W int32 words holds 8 W columns of a weight row:
 //    word l holds columns 8 l .. 8 l + 7. Shifting the whole register right by 4 i and
@@ -36,8 +48,7 @@ namespace cpu {
 
 struct Int4MatmulArgs {
   const float* x;          // [M, k] fp32 activations, row-major (blocked GEMM schedule)
-  const float* xp;         // [M, k_padded] permuted activations, zero past K (factored schedule only)
-  const float* xsum;       // [M, groups] sum of x over each group (factored schedule only)
+  const float* xp;         // [M, k_padded] permuted activations, zero past K (dot-product schedule only)
   const int32_t* qweight;  // [N, k_padded / 8] canonical packing
   const float* scales;     // [N, groups]
   const float* offsets;    // [N, groups]
@@ -46,25 +57,28 @@ struct Int4MatmulArgs {
   int64_t m, n, k, k_padded, groups, group_len;
 };
 
-// Rows of x up to which the factored schedule wins over the blocked GEMM. Measured on this
-// project's 2-core AVX-512 machine, N = K = 4096, medians of 10: M = 1 factored 0.35 ms vs
-// GEMM 0.94 ms; M = 2 0.78 vs 1.01; M = 4 1.19 vs 0.98 (N = 4096, K = 11008: 3.51 vs 3.32).
-constexpr int64_t kFactoredMaxRows = 3;
+// Rows of x up to which the dot-product schedule wins over the blocked GEMM. Measured on this
+// project's 2-core AVX-512 machine, N = K = 4096, medians of 10, with the factored form the
+// schedule had before (dequantizing per weight is faster on AVX-512, so the crossover holds
+// there; on AVX2 it is not re-measured): M = 1 dot 0.35 ms vs GEMM 0.94 ms; M = 2 0.78 vs
+// 1.01; M = 4 1.19 vs 0.98 (N = 4096, K = 11008: 3.51 vs 3.32).
+constexpr int64_t kDotMaxRows = 3;
 
-// Whether the factored schedule handles this problem at vector width `width` (8 or 16 words).
-// It needs each group to be a whole number of registers (8 W columns), or one group per row,
-// or groups of exactly 32 columns (AVX-512 also 64) that split a register into lane quarters.
-// Anything else (e.g. group_len 8 or 96) takes the blocked GEMM, which handles any multiple of 8.
-static inline bool int4_use_factored(int64_t m, int64_t group_len, int64_t groups, int width) {
-  if (m > kFactoredMaxRows) return false;
+// Whether the dot-product schedule handles this problem at vector width `width` (8 or 16
+// words). It needs each group to be a whole number of registers (8 W columns), or one group
+// per row, or groups of exactly 32 columns (AVX-512 also 64) that split a register into lane
+// quarters. Anything else (e.g. group_len 8 or 96) takes the blocked GEMM, which handles any
+// multiple of 8.
+static inline bool int4_use_dot(int64_t m, int64_t group_len, int64_t groups, int width) {
+  if (m > kDotMaxRows) return false;
   const int64_t block_cols = 8 * static_cast<int64_t>(width);
   if (groups == 1 || group_len % block_cols == 0) return true;
   return group_len == 32 || (width == 16 && group_len == 64);
 }
 
 // Output rows per unit of work handed to a thread: the blocked GEMM works on panels of
-// 2 W weight rows; the factored schedule visits 8 rows per pass.
-static inline int64_t int4_rows_per_unit(bool factored, int width) { return factored ? 8 : 2 * static_cast<int64_t>(width); }
+// 2 W weight rows; the dot-product schedule visits 8 rows per pass.
+static inline int64_t int4_rows_per_unit(bool dot, int width) { return dot ? 8 : 2 * static_cast<int64_t>(width); }
 
 // Columns of one dequantized GEMM panel: 2 W rows x 2048 / W columns x 4 bytes = 16 KiB at
 // any width, so the panel stays in L1 next to the streaming rows of x while every row of x
@@ -77,17 +91,13 @@ static inline int64_t int4_scratch_floats(int width) { return (int4_panel_cols(w
 
 // Rows [n_begin, n_end) of out, for every row of x. Each is safe to call from many threads
 // on disjoint row ranges, each with its own scratch of int4_scratch_floats(W) floats.
-// Vector width W: portable 8, avx2 8, avx512 16. `factored` must be int4_use_factored(...).
-void int4_matmul_rows_portable(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
-                               float* scratch);
-void int4_matmul_rows_avx2(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
-                           float* scratch);
-void int4_matmul_rows_avx512(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end,
-                             float* scratch);
+// Vector width W: portable 8, avx2 8, avx512 16. `dot` must be int4_use_dot(...).
+void int4_matmul_rows_portable(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch);
+void int4_matmul_rows_avx2(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch);
+void int4_matmul_rows_avx512(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch);
 
-// Fill xp and xsum from x [M, K] (row-major fp32) for vector width `width` (factored schedule).
-void int4_prepare_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
-                              int64_t groups, int width, float* xp, float* xsum);
+// Fill xp from x [M, K] (row-major fp32) for vector width `width` (dot-product schedule).
+void int4_prepare_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int width, float* xp);
 
 }  // namespace cpu
 }  // namespace fourbit

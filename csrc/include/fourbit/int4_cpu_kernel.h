@@ -4,6 +4,8 @@
 //   zero(), load(p), add(a, b), fma(a, b, c) = a * b + c, broadcast(s), hsum(v)
 //   load_words(p)         W words of a weight row
 //   nibble(words, i)      float of nibble i of every word
+//   group_t, group(s, m)  what dequantizes one group (scale s, offset m), made once per group
+//   weights(words, i, g)  fp32 q s + m of nibble i of every word, all in group g
 //   lane_scales(p, per)   `per` consecutive scales, scale j spread over lanes [j W / per, (j + 1) W / per)
 //   store(p, v)           W floats
 //   row_offsets(first, last, stride)   int32 lane l = min(first + l, last) * stride
@@ -21,16 +23,23 @@
 namespace fourbit {
 namespace cpu {
 
-// ---- Few rows of x (decode): factored schedule, int4_cpu.h (1) ----
-// Up to kFactoredMaxRows (int4_cpu.h) rows of x, each weight register is unpacked once per
-// group of MR <= 4 rows of x and feeds MR multiply-adds, and the scale is factored out.
+// ---- Few rows of x (decode): dot-product schedule, int4_cpu.h (1) ----
+// Up to kDotMaxRows (int4_cpu.h) rows of x, each weight register is unpacked and dequantized
+// once per group of MR <= 4 rows of x and feeds MR multiply-adds.
 // Weight rows visited per pass over the rows of x: their packed words (8 x K/2 bytes)
 // stay in L1/L2 while every group of MR rows of x streams past them.
 constexpr int64_t kWeightRowsPerPass = 8;
+// Registers of weights summed into the per-lane accumulators before those are added into the
+// running totals (and at least at every group boundary): two-level summation, so no fp32
+// chain is longer than about 8 / CH x this + K / (8 W x this) terms (the reference's BLAS
+// blocks its sums in the same way).
+constexpr int64_t kRegistersPerPartialSum = 4;
 
 template <class V, int MR, int NR>
 inline void int4_row(const Int4MatmulArgs& a, int64_t n0, int64_t m0) {
   // Weight rows n0 .. n0 + NR - 1 against rows m0 .. m0 + MR - 1 of x.
+  using vec = typename V::vec;
+  using ivec = typename V::ivec;
   constexpr int W = V::W;
   const int64_t words_per_row = a.k_padded / 8;
   const int64_t full_blocks = words_per_row / W;
@@ -38,54 +47,74 @@ inline void int4_row(const Int4MatmulArgs& a, int64_t n0, int64_t m0) {
 
   // Independent accumulation chains: an FMA waits about 4 cycles for its accumulator, so
   // one chain per output would stall. Nibble i feeds chain i % CH; MR NR CH accumulators
-  // + MR NR totals + 4 temporaries fit in 16 registers.
+  // + MR NR totals + NR groups' dequantization constants + temporaries fit in 16 registers.
   constexpr int CH = MR * NR == 1 ? 4 : 2;
-  typename V::vec acc[MR][NR][CH], total[MR][NR];
+  vec acc[MR][NR][CH], total[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) {
       total[r][c] = V::zero();
       for (int h = 0; h < CH; ++h) acc[r][c][h] = V::zero();
     }
 
-  // Multiply-add nibbles of registers [b_begin, b_end) into acc (no scale yet). Each x
-  // load feeds NR FMAs, each unpacked weight register MR.
-  auto accumulate = [&](int64_t b_begin, int64_t b_end) {
+  // Multiply-add registers [b_begin, b_end) into acc: weights(words, i, c) dequantizes
+  // nibble i of every word of weight row n0 + c. Each x load feeds NR FMAs, each
+  // dequantized weight register MR.
+  auto accumulate = [&](int64_t b_begin, int64_t b_end, const auto& weights) {
     for (int64_t b = b_begin; b < b_end; ++b) {
-      typename V::ivec words[NR];
+      ivec words[NR];
       for (int c = 0; c < NR; ++c) words[c] = V::load_words(a.qweight + (n0 + c) * words_per_row + b * W);
       const float* xb = a.xp + m0 * a.k_padded + b * block_cols;
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
-        typename V::vec x[MR];
+        vec x[MR];
         for (int r = 0; r < MR; ++r) x[r] = V::load(xb + r * a.k_padded + i * W);
         for (int c = 0; c < NR; ++c) {
-          const typename V::vec q = V::nibble(words[c], i);
-          for (int r = 0; r < MR; ++r) acc[r][c][i % CH] = V::fma(q, x[r], acc[r][c][i % CH]);
+          const vec w = weights(words[c], i, c);
+          for (int r = 0; r < MR; ++r) acc[r][c][i % CH] = V::fma(x[r], w, acc[r][c][i % CH]);
         }
       }
     }
   };
-  auto apply_scale = [&](int c, const typename V::vec& s) {
-    for (int r = 0; r < MR; ++r) {
-      typename V::vec sum = acc[r][c][0];
-      for (int h = 1; h < CH; ++h) sum = V::add(sum, acc[r][c][h]);
-      total[r][c] = V::fma(sum, s, total[r][c]);
-      for (int h = 0; h < CH; ++h) acc[r][c][h] = V::zero();
-    }
+  auto add_partial_sums = [&]() {
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c) {
+        vec sum = acc[r][c][0];
+        for (int h = 1; h < CH; ++h) sum = V::add(sum, acc[r][c][h]);
+        total[r][c] = V::add(total[r][c], sum);
+        for (int h = 0; h < CH; ++h) acc[r][c][h] = V::zero();
+      }
   };
   // Walk group by group so the inner loop has no index arithmetic. When groups > 1 the
   // group length is a power of two: a whole number of registers, or a fraction of one.
-  if (a.group_len < block_cols) {  // `per` groups inside each register: lane-wise scales
+  if (a.group_len < block_cols) {
+    // `per` groups inside each register: each lane's scale and offset (V::lane_scales), and
+    // the generic dequantization, one FMA per weight.
     const int per = static_cast<int>(block_cols / a.group_len);
-    for (int64_t b = 0; b < full_blocks; ++b) {
-      accumulate(b, b + 1);
-      for (int c = 0; c < NR; ++c) apply_scale(c, V::lane_scales(a.scales + (n0 + c) * a.groups + b * per, per));
+    for (int64_t b0 = 0; b0 < full_blocks; b0 += kRegistersPerPartialSum) {
+      const int64_t b1 = b0 + kRegistersPerPartialSum < full_blocks ? b0 + kRegistersPerPartialSum : full_blocks;
+      for (int64_t b = b0; b < b1; ++b) {
+        vec s[NR], m[NR];
+        for (int c = 0; c < NR; ++c) {
+          s[c] = V::lane_scales(a.scales + (n0 + c) * a.groups + b * per, per);
+          m[c] = V::lane_scales(a.offsets + (n0 + c) * a.groups + b * per, per);
+        }
+        accumulate(b, b + 1, [&](const ivec& words, int i, int c) { return V::fma(V::nibble(words, i), s[c], m[c]); });
+      }
+      add_partial_sums();
     }
   } else {
+    // Whole registers per group: the group's constants (V::group: on AVX-512 its table of
+    // the 16 weights q s + m) are made once per group, V::weights dequantizes with them.
     const int64_t per_group = a.groups == 1 ? full_blocks : a.group_len / block_cols;
-    for (int64_t b = 0, g = 0; b < full_blocks; b += per_group, ++g) {
-      accumulate(b, b + per_group < full_blocks ? b + per_group : full_blocks);
-      for (int c = 0; c < NR; ++c) apply_scale(c, V::broadcast(a.scales[(n0 + c) * a.groups + g]));
+    for (int64_t b0 = 0, g = 0; b0 < full_blocks; b0 += per_group, ++g) {
+      const int64_t group_end = b0 + per_group < full_blocks ? b0 + per_group : full_blocks;
+      typename V::group_t grp[NR];
+      for (int c = 0; c < NR; ++c) grp[c] = V::group(a.scales[(n0 + c) * a.groups + g], a.offsets[(n0 + c) * a.groups + g]);
+      for (int64_t b = b0; b < group_end; b += kRegistersPerPartialSum) {
+        accumulate(b, b + kRegistersPerPartialSum < group_end ? b + kRegistersPerPartialSum : group_end,
+                   [&](const ivec& words, int i, int c) { return V::weights(words, i, grp[c]); });
+        add_partial_sums();
+      }
     }
   }
 
@@ -95,28 +124,23 @@ inline void int4_row(const Int4MatmulArgs& a, int64_t n0, int64_t m0) {
     const float* s_row = a.scales + n * a.groups;
     const float* m_row = a.offsets + n * a.groups;
     for (int r = 0; r < MR; ++r) {
-      float result = V::hsum(total[r][c]);
       // Words past the last full register, in natural column order, one word at a time.
       const float* xr = a.xp + (m0 + r) * a.k_padded;
+      float tail = 0.f;
       for (int64_t j = full_blocks * W; j < words_per_row; ++j) {
         const uint32_t word = static_cast<uint32_t>(words_row[j]);
-        float dot = 0.f;
-        for (int i = 0; i < 8; ++i) dot += static_cast<float>((word >> (4 * i)) & 0xF) * xr[j * 8 + i];
-        result += s_row[j * 8 / a.group_len] * dot;
+        const float s = s_row[j * 8 / a.group_len], m = m_row[j * 8 / a.group_len];
+        for (int i = 0; i < 8; ++i) tail += xr[j * 8 + i] * (static_cast<float>((word >> (4 * i)) & 0xF) * s + m);
       }
-      // The offsets: sum over groups of m[g] * (sum of x over group g).
-      const float* xs = a.xsum + (m0 + r) * a.groups;
-      for (int64_t g = 0; g < a.groups; ++g) result += m_row[g] * xs[g];
-      a.out[(m0 + r) * a.n + n] = result + (a.bias ? a.bias[n] : 0.f);
+      a.out[(m0 + r) * a.n + n] = V::hsum(total[r][c]) + tail + (a.bias ? a.bias[n] : 0.f);
     }
   }
 }
 
 // ---- Larger M: blocked GEMM over dequantized panels ----
 //
-// Past a few rows of x the multiply-adds dominate, and the factored schedule's
-// dot-product form (x along K in registers) would re-read every row of x once per weight
-// row. Instead, as in a BLAS GEMM:
+// Past a few rows of x the multiply-adds dominate, and the dot-product schedule (x along
+// K in registers) would re-read every row of x once per weight row. Instead, as in a BLAS GEMM:
 //   * a panel of NR = 2 W weight rows x KC columns is dequantized ONCE into L1, transposed
 //     to [k][NR] so one k gives two registers of weights for NR consecutive outputs;
 //   * a 6 x NR micro-kernel broadcasts x[m, k] for 6 rows of x and multiply-adds it with
@@ -143,8 +167,8 @@ constexpr int64_t kGemmRowsOfXPerBlock = 192;
 // With the packing, that is a transpose of WORDS, not of nibbles: if lane l of a register
 // holds word j of row l, nibble i of every lane is column 8 j + i of W rows. So 8 words of
 // each of W rows are loaded contiguously (one 32-byte load per row) and transposed in
-// registers (V::load_transposed, 8 x 8 words on AVX2), after which every nibble is a
-// shift + mask + convert + FMA + store, as in the factored schedule. A word tail (K_padded
+// registers (V::load_transposed, 8 x 8 words on AVX2), after which every nibble is an
+// unpack (V::nibble) + FMA + store, as in the dot-product schedule. A word tail (K_padded
 // not a multiple of 64 columns inside this panel) gathers one word of W rows at a time.
 //
 // Memory order: the caller walks panels along n inside a KC chunk, so each panel reads only
@@ -273,7 +297,7 @@ inline void gemm_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, f
 }
 
 template <class V>
-inline void factored_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end) {
+inline void dot_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kWeightRowsPerPass) {
     const int64_t n1 = n0 + kWeightRowsPerPass < n_end ? n0 + kWeightRowsPerPass : n_end;
     int64_t m0 = 0;
@@ -293,9 +317,9 @@ inline void factored_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_en
 
 // Rows [n_begin, n_end) for any M; `scratch` holds int4_scratch_floats(V::W) floats.
 template <class V>
-inline void int4_rows(const Int4MatmulArgs& a, bool factored, int64_t n_begin, int64_t n_end, float* scratch) {
-  if (factored)
-    factored_rows<V>(a, n_begin, n_end);
+inline void int4_rows(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch) {
+  if (dot)
+    dot_rows<V>(a, n_begin, n_end);
   else
     gemm_rows<V>(a, n_begin, n_end, scratch);
 }

@@ -176,15 +176,10 @@ def test_nan_query_gives_nan_out(whole_head, kind, backend, device):
 
 
 @pytest.mark.parametrize("kind,device,backend", ATTENTION_CASES)
-def test_nan_in_slots_past_every_sequence_does_not_leak(kind, backend, device, request):
+def test_nan_in_slots_past_every_sequence_does_not_leak(kind, backend, device):
     """Slots past a sequence's end and pages no sequence holds keep what they held before
     (a freed sequence's keys and values, NaN or inf included): no output may change."""
     need(device, backend, OP_OF[kind])
-    if backend == "torch":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "reference.py masks the scores but gathers the stale slots: SDPA adds -inf to a masked "
-            "NaN score and multiplies a masked NaN value by 0, both NaN. Fix: zero k and v past "
-            "seq_lens after _gather_pages (issue 16, item 8 report)")))
     q, k_cache, v_cache, batch, block_tables = random_paged_batch(kind, device)
     clean = attend(kind, q, k_cache, v_cache, batch, backend)
     block_size = k_cache.shape[1]
@@ -204,15 +199,11 @@ def test_nan_in_slots_past_every_sequence_does_not_leak(kind, backend, device, r
 
 
 @pytest.mark.parametrize("device,backend", backend_cases("paged_prefill_attention"))
-def test_nan_in_a_new_token_reaches_only_the_queries_after_it(backend, device, request):
+def test_nan_in_a_new_token_reaches_only_the_queries_after_it(backend, device):
     """Causality holds for NaN too: a NaN key and value at the last new token of a prefill
     chunk make that token's output NaN and leave the earlier queries of its sequence (which
     do not see it) finite and unchanged."""
     need(device, backend, "paged_prefill_attention")
-    if backend == "torch":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "reference.py: SDPA's causal mask adds -inf to the NaN scores of a later token and "
-            "multiplies its NaN value by probability 0, so every query of the chunk turns NaN")))
     q, k_cache, v_cache, batch, block_tables = random_paged_batch("prefill", device)
     clean = attend("prefill", q, k_cache, v_cache, batch, backend)
     b, block_size = 1, k_cache.shape[1]

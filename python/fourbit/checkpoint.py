@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import _checks
 from .format import COMPUTE_DTYPES, FORMAT_VERSION
 from .nn import Int4Linear, _set_submodule
 
@@ -169,6 +170,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike,
             on the meta device. OSError from the file system (a full disk): the previous
             checkpoint is left as it was.
     """
+    _checks.module("model", model)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
@@ -282,6 +284,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
     Returns:
         model.
     """
+    _checks.module("model", model)
     path = Path(path)
     device = torch.device(device or "cpu")
     metadata, files = _checkpoint_files(path)

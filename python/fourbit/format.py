@@ -35,6 +35,8 @@ import sys
 
 import torch
 
+from . import _checks
+
 GROUP_SIZES = (32, 64, 128, 256, -1)
 FORMAT_VERSION = 1
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,12 +70,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     Returns:
         int32 [N, K // 8]; nibble i (bits 4i..4i+3) of word j is column 8j + i.
     """
+    _checks.tensor("q", q)
     if q.dtype.is_floating_point or q.dtype == torch.bool:
-        raise TypeError(f"pack_int4 expects an integer tensor, got {q.dtype}")
+        raise TypeError(f"pack_int4 expects q to be an integer tensor, got {q.dtype}")
     if q.dim() != 2 or q.shape[1] % _NIBBLES:
-        raise ValueError(f"pack_int4 expects [N, K] with K a multiple of 8, got {tuple(q.shape)}")
+        raise ValueError(f"pack_int4 expects q as [N, K] with K a multiple of 8, got {tuple(q.shape)}")
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
-        raise ValueError("pack_int4: values must lie in [0, 15]")
+        raise ValueError("pack_int4: the values of q must lie in [0, 15]")
     n, k = q.shape
     nibbles = q.to(torch.int64).reshape(n, k // _NIBBLES, _NIBBLES)
     shifts = torch.arange(0, 4 * _NIBBLES, 4, device=q.device, dtype=torch.int64)
@@ -90,8 +93,9 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     Returns:
         uint8 [N, K] with values in [0, 15].
     """
+    _checks.tensor("qweight", qweight)
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise TypeError(f"unpack_int4 expects int32 [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
+        raise TypeError(f"unpack_int4 expects qweight as int32 [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
     # Byte t of the little-endian words holds columns 2t (low nibble) and 2t + 1 (high).
     assert sys.byteorder == "little", "fourbit's packing helpers assume a little-endian host"
     b = qweight.contiguous().view(torch.uint8)
@@ -127,7 +131,12 @@ class Int4Weight:
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                  group_size: int, shape: tuple[int, int], symmetric: bool = False):
         check_group_size(group_size)
-        n, k = (int(d) for d in shape)
+        for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
+            _checks.tensor(name, t)
+        if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+            raise ValueError(f"shape must be (N, K), got {shape!r}")
+        n, k = (_checks.positive_int(f"shape[{i}]", d) for i, d in enumerate(shape))
+        _checks.boolean("symmetric", symmetric)
         k_pad = padded_k(k, group_size)
         groups = 1 if group_size == -1 else k_pad // group_size
         if qweight.dtype != torch.int32:

@@ -137,7 +137,10 @@ class PagedBatch:
         Raises:
             TypeError / ValueError naming the tensor and the rule it breaks.
         """
-        if query_start_loc is None and isinstance(block_tables, torch.Tensor):
+        for name, t in (("slot_mapping", slot_mapping), ("block_tables", block_tables), ("seq_lens", seq_lens)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if query_start_loc is None:
             query_start_loc = torch.arange(block_tables.shape[0] + 1, dtype=torch.int32, device=block_tables.device)
         trusted = cls(slot_mapping, block_tables, seq_lens, query_start_loc, 0, 0, num_blocks, block_size)
         host = [t.cpu() for t in (slot_mapping, block_tables, seq_lens, query_start_loc)]
@@ -181,9 +184,15 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _token_list(tokens) -> list[int]:
+    """Token ids as a list of ints, from an iterable of ints or a 1-D integer tensor."""
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.tolist()
-    return [operator.index(t) for t in tokens]
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f"tokens must be token ids (ints), got text {tokens[:20]!r}: encode it first")
+    try:
+        return [operator.index(t) for t in tokens]
+    except TypeError:
+        raise TypeError(f"tokens must be an iterable of int token ids, got {type(tokens).__name__}") from None
 
 
 class BlockAllocator:
@@ -211,9 +220,11 @@ class BlockAllocator:
 
     def allocate(self, n: int) -> list[int]:
         """n fresh blocks, each with reference count 1. OutOfBlocks if fewer than n are free."""
+        if isinstance(n, bool) or not hasattr(n, "__index__"):
+            raise TypeError(f"n (blocks to allocate) must be an int, got {type(n).__name__} {n!r}")
         n = operator.index(n)
         if n < 0:
-            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
+            raise ValueError(f"n (blocks to allocate) must not be negative, got {n}")
         if n > len(self._free):
             raise OutOfBlocks(f"asked for {n} blocks, {len(self._free)} free")
         blocks = [self._free.pop() for _ in range(n)]
@@ -359,6 +370,8 @@ class PagedKVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of layer i."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, num_layers = {self.num_layers}), got {i!r}")
         return self.k_cache(i), self.v_cache(i)
 
     # -- sequences ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import _checks
 from .format import (
     COMPUTE_DTYPES,
     Int4Weight,
@@ -44,6 +45,10 @@ class Int4Linear(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         check_group_size(group_size)
+        in_features = _checks.positive_int("in_features", in_features)
+        out_features = _checks.positive_int("out_features", out_features)
+        _checks.boolean("bias", bias)
+        _checks.boolean("symmetric", symmetric)
         dtype = dtype or torch.get_default_dtype()
         if dtype not in COMPUTE_DTYPES:
             raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
@@ -135,6 +140,8 @@ class Int4Linear(nn.Module):
     def load_weight(self, weight: Int4Weight, bias: torch.Tensor | None = None) -> None:
         """Take an Int4Weight (and bias) as this layer's weights, replacing the buffers, and
         convert them to the layout of the layer's backend."""
+        if not isinstance(weight, Int4Weight):
+            raise TypeError(f"weight must be a fourbit.Int4Weight, got {type(weight).__name__}")
         if weight.shape != (self.out_features, self.in_features) or weight.group_size != self.group_size:
             raise ValueError(f"weight {weight} does not fit Int4Linear({self.in_features}, "
                              f"{self.out_features}, group_size={self.group_size})")
@@ -184,6 +191,9 @@ class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
                  backend: str = "auto"):
         super().__init__()
+        num_heads, num_kv_heads, head_dim = (_checks.positive_int(name, v) for name, v in
+                                             (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                                              ("head_dim", head_dim)))
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if backend != "auto" and backend not in BACKENDS:
@@ -242,7 +252,7 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, **op
     if config is not None and options:
         raise TypeError(f"quantize_ takes a config or keywords, not both (got a config and {sorted(options)})")
     config = Int4WeightOnlyConfig.from_dict(options) if config is None else as_config(config)
-    if model is None or isinstance(model, (nn.Linear, Int4Linear)):
+    if not isinstance(model, nn.Module) or isinstance(model, (nn.Linear, Int4Linear)):
         raise TypeError("quantize_ takes a model containing linear layers; use Int4Linear.from_linear "
                         "for a single nn.Linear")
     targets = linear_targets(model, config)
@@ -273,6 +283,7 @@ def tune(model: nn.Module, rows=TUNE_ROWS, dtype: torch.dtype | None = None) -> 
     Returns:
         The number of (shape, M) cases run.
     """
+    _checks.module("model", model)
     seen, cases = set(), 0
     for module in model.modules():
         if not isinstance(module, Int4Linear):

@@ -85,6 +85,8 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
             8 s under 65504.
     """
     check_group_size(group_size)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be True or False, got {type(symmetric).__name__} {symmetric!r}")
     if not isinstance(w, torch.Tensor) or w.dtype not in COMPUTE_DTYPES:
         raise TypeError(f"w must be a tensor of dtype {COMPUTE_DTYPES}, got "
                         f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")

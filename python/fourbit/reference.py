@@ -59,10 +59,19 @@ def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of q [B, T, Hq, D] over k, v [B, L, Hkv, D] where visible [B, T, L] (Hq a
     multiple of Hkv: query head h reads kv head h // (Hq / Hkv)). Computed in fp32 by torch's
-    SDPA; returns [B, T, Hq, D] in q's dtype."""
+    SDPA; returns [B, T, Hq, D] in q's dtype.
+
+    Keys a query does not see never touch its result, NaN and inf included: SDPA's additive
+    mask would turn a masked NaN score or value into NaN (-inf + NaN, 0 * NaN), so
+    non-finite keys and values are zeroed before it, and the queries that do see one are set
+    to NaN after it (NaN in, NaN out; stale slots and later tokens stay out)."""
+    bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)                       # [B, L, Hkv]
+    k, v = (torch.where(bad[..., None], 0.0, t.float()) for t in (k, v))
     q4, k4, v4 = (t.float().transpose(1, 2) for t in (q, k, v))            # [B, heads, tokens, D]
     out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).to(q.dtype)
+    sees_bad = (visible[..., None] & bad[:, None]).any(2)                         # [B, T, Hkv]
+    sees_bad = sees_bad.repeat_interleave(q.shape[2] // k.shape[2], dim=-1)       # [B, T, Hq]
+    return torch.where(sees_bad[..., None], float("nan"), out.transpose(1, 2)).to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -94,4 +94,8 @@ def available_backends(device: torch.device | str = "cpu", op: str = "int4_mm") 
     """The backends that can run `op` (default int4_mm) on `device` in this installation."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
-    return [b for b in BACKENDS if unavailable(b, torch.device(device), op) is None]
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a torch device ({error})") from None
+    return [b for b in BACKENDS if unavailable(b, device, op) is None]

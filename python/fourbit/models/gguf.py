@@ -33,7 +33,15 @@ def read_config(file: GGUFFile) -> LlamaConfig:
     if "rope_freqs.weight" in file.tensors:
         raise ValueError("GGUF files with rope_freqs (Llama 3.1 rope scaling) are not supported; load the "
                          "Hugging Face checkpoint instead")
-    g = lambda name, default=None: meta.get(f"{arch}.{name}", default)
+    g = lambda name, default=None: meta.get(f"{arch}.{name}", default)  # noqa: E731
+    for name in ("embedding_length", "feed_forward_length", "block_count", "attention.head_count"):
+        value = g(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{file.path}: {arch}.{name} must be a positive int, "
+                             f"got {value!r}")
+    if not g("vocab_size") and not isinstance(meta.get("tokenizer.ggml.tokens"), list):
+        raise ValueError(f"{file.path}: neither {arch}.vocab_size nor "
+                         "tokenizer.ggml.tokens gives the vocabulary size")
     heads = g("attention.head_count")
     return LlamaConfig(
         vocab_size=g("vocab_size") or len(meta["tokenizer.ggml.tokens"]), hidden_size=g("embedding_length"),

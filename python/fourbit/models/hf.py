@@ -23,7 +23,7 @@ def read_config(directory: Path) -> LlamaConfig:
     path = directory / "config.json"
     if not path.is_file():
         raise ValueError(f"{directory} has no config.json: not a Hugging Face model directory")
-    return LlamaConfig.from_hf(json.loads(path.read_text()))
+    return LlamaConfig.from_hf(path)  # errors name the file
 
 
 class HFCheckpoint:

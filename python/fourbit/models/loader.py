@@ -258,6 +258,8 @@ def build_model(checkpoint, device, dtype: torch.dtype, quantize=None) -> Llama:
 def save_model(model: Llama, directory, tokenizer=None) -> Path:
     """Write model (quantized or not) as a directory load_model reads back: config.json,
     model.safetensors (fourbit's checkpoint format) and, given one, the tokenizer."""
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be a fourbit Llama (fourbit.load_model), got {type(model).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_quantized(model, directory / "model.safetensors")

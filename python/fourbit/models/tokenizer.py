@@ -184,7 +184,12 @@ class Tokenizer:
             raise ValueError(f"{directory / 'tokenizer.json'} is not a tokenizer.json that tokenizers reads: "
                              f"{error}") from error
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
         names = {name: _content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                     for token in names.values() if token and backend.token_to_id(token) is not None])

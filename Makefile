@@ -23,7 +23,7 @@ LINT_PATHS := python kernels tests bench setup.py $(wildcard csrc/*.py)
 # Results go to $OUT when the device tool sets it, else to bench/results/.
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: demo test lint bench bench-slow bench-smoke cuda-check gpu-check clean
+.PHONY: demo test lint bench bench-slow bench-smoke cuda-check kernel-check gpu-check clean
 
 demo: $(VENV)/.built
 	$(PY) -m fourbit demo
@@ -78,6 +78,13 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 # torch's headers, without linking or running: works on a CPU machine where nvcc exists.
 cuda-check: $(VENV)/.deps
 	$(PY) csrc/cuda_check.py
+
+# Compile every Triton kernel offline for every config its pruner can select on each
+# supported GPU (sm_80/86/89/90/120) and every .cu through ptxas; fail on a config that
+# overflows shared memory or spills (bench/kernel_check.py). No GPU needed. The table goes to
+# bench/results/kernels-static.{md,json}, which also caches results by kernel source hash.
+kernel-check: $(VENV)/.built
+	$(PY) bench/kernel_check.py
 
 # One call on a GPU machine (preinstalled torch, no network), under 9 minutes on an H100:
 # build the CUDA extension with that torch (for this GPU's architecture only), run every CUDA

@@ -23,19 +23,11 @@ import triton.language as tl
 # them, by its own tuning policy. Nothing here reads the environment.
 
 
-def _device_properties() -> dict:
-    """SM count and opt-in shared memory per block of the current GPU (1 SM and no limit in
-    the interpreter), for pruning configs."""
-    try:
-        device = triton.runtime.driver.active.get_current_device()
-        return triton.runtime.driver.active.utils.get_device_properties(device)
-    except Exception:  # interpreter or no GPU
-        return {"multiprocessor_count": 1, "max_shared_mem": 1 << 30}
-
-
-def _sm_count() -> int:
-    return _device_properties()["multiprocessor_count"]
-
+# Config choice is a pure function of (configs, shape, dtype, device properties): the
+# autotune pruners below call it with the GPU a launch runs on, `make kernel-check` and the
+# tests with the recorded properties of every supported GPU (python/fourbit/backends/
+# devices.py). `props` is anything with .sms (SM count) and .max_shared_mem (opt-in bytes
+# per block); this module imports nothing from the package.
 
 # Triton's interpreter (CPU) runs each program in Python: one small tile, no tuning.
 GEMV_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2})
@@ -49,52 +41,113 @@ def gemv_configs():
             for bn, bk in tiles for sk in (1, 2, 4, 8)]
 
 
-def prune_gemv(configs, named_args, **kwargs):
-    # Keep configs whose grid fills the GPU without splitting K into tiles of nothing:
-    # at least one program per SM, and every split gets at least one K tile.
-    n, k, sms = named_args["N"], named_args["K"], _sm_count()
-    kept = [c for c in configs
+def gemv_shared_bytes(config, x_bytes: int) -> int:
+    """An upper bound on the shared memory of a GEMV config (proved against the compiled
+    kernels by `make kernel-check`): per stage the x tile and the [BLOCK_N, BLOCK_K/8] packed
+    words, plus scales and offsets per word, plus the reduction scratch."""
+    bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    per_stage = bk * x_bytes + bn * (bk // 8) * (4 + 2 * x_bytes)
+    return config.num_stages * per_stage + 4 * bn * 32
+
+
+def select_gemv(configs, n: int, k: int, x_bytes: int, props):
+    """The GEMV configs worth timing for an [N, K] weight on a GPU `props`: every split
+    gets at least one K tile, the grid fills the GPU (one program per SM, or the deepest
+    split), and the tile fits in shared memory. Never a config that does not fit; raises
+    when none does (kernel-check proves every supported GPU keeps several)."""
+    fits = [c for c in configs if gemv_shared_bytes(c, x_bytes) <= props.max_shared_mem]
+    if not fits:
+        raise RuntimeError(f"no int4 GEMV config fits {props.max_shared_mem} bytes of shared memory")
+    kept = [c for c in fits
             if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= max(k, c.kwargs["BLOCK_K"])
-            and (triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] >= sms or c.kwargs["SPLIT_K"] == 8)]
-    return kept or configs[:1]
+            and (triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] >= props.sms or c.kwargs["SPLIT_K"] == 8)]
+    return kept or fits[:1]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for fp16/bf16 activations (tensor cores).
+# Small tiles and 2-stage pipelines keep several candidates on the 99 KB parts (RTX 3090/
+# 4090/5090); BLOCK_K = 32 tiles (one group per tile at every group size, so no per-weight
+# scale tiles) fit every GPU; the deep and wide ones are for the A100 (163 KB) and H100
+# (227 KB). Tiles that spill registers on any target are left out or take 8 warps
+# (make kernel-check fails on a spill).
+GEMM_SHAPES = [
+    (16, 64, 32, 4, 3), (16, 64, 64, 4, 3), (16, 64, 64, 4, 4), (16, 64, 128, 4, 2), (16, 128, 64, 4, 2),
+    (16, 128, 128, 4, 3),
+    (32, 64, 32, 4, 3), (32, 64, 64, 4, 3), (32, 64, 128, 4, 4), (32, 128, 64, 8, 2), (32, 128, 128, 8, 3),
+    (64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (64, 128, 32, 4, 4), (64, 128, 64, 8, 2),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (128, 128, 64, 8, 3),
+]
+# fp32 activations take exact fp32 products on CUDA cores (tl.dot with input_precision
+# "ieee"), whose operand layouts hold far more per thread: only these narrow-K tiles stay
+# in registers. The pruner gives fp32 these and 16-bit dtypes GEMM_SHAPES.
+GEMM_FP32_SHAPES = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2), (32, 32, 32, 4, 2), (64, 32, 32, 4, 2),
+                    (64, 64, 32, 8, 2)]
+
+
+def _shape(config) -> tuple:
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
 
 
 def gemm_configs():
-    shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (32, 128, 128, 4, 3),
-              (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
-              (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 8},
                           num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in shapes for sk in ((1, 2, 4) if bm <= 32 else (1,))]
+            for bm, bn, bk, w, st in GEMM_SHAPES + GEMM_FP32_SHAPES for sk in ((1, 2, 4) if bm <= 32 else (1,))]
 
 
-def gemm_shared_bytes(config, x_bytes: int) -> int:
-    """Shared memory a GEMM config pipelines: per stage an x tile and a tile of int32 words
-    (one word per weight position, as the kernel loads them; see int4_gemm_kernel)."""
+def gemm_configs_for(configs, x_bytes: int):
+    """The configs of a list meant for activations of x_bytes (fp32: GEMM_FP32_SHAPES)."""
+    shapes = set(GEMM_FP32_SHAPES if x_bytes == 4 else GEMM_SHAPES)
+    return [c for c in configs if _shape(c) in shapes]
+
+
+def gemm_shared_bytes(config, x_bytes: int, group_len: int) -> int:
+    """An upper bound on the shared memory of a GEMM config (proved against the compiled
+    kernels by `make kernel-check`): per pipeline stage an x tile and a tile of int32 words
+    (one word per weight position, as the kernel loads them; see int4_gemm_kernel), and
+    where a tile spans several groups the [BLOCK_K, BLOCK_N] scales and offsets too."""
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    return config.num_stages * (bm * bk * x_bytes + bk * bn * 4)
+    per_stage = bm * bk * x_bytes + bk * bn * 4
+    if group_len < bk:
+        per_stage += 2 * bk * bn * x_bytes
+    return config.num_stages * per_stage
 
 
-def prune_gemm(configs, named_args, **kwargs):
-    # Tiles no taller than M needs (M_BUCKET is M rounded up to a power of two), split-K only
-    # where the tile grid alone would not fill the GPU, and pipelines that fit in shared memory
-    # (a 4090 or A10 has about 100 KB a block, an A100 164 KB, an H100 227 KB).
-    m_bucket, n = named_args["M_BUCKET"], named_args["N"]
-    props = _device_properties()
-    sms, smem = props["multiprocessor_count"], props["max_shared_mem"]
-    x_bytes = named_args["x_ptr"].element_size()
+def select_gemm(configs, m_bucket: int, n: int, x_bytes: int, group_len: int, props):
+    """The GEMM configs worth timing for M rows (M_BUCKET: M rounded up to a power of two)
+    against an [N, K] weight on a GPU `props`: the tiles of x's dtype, tiles no taller than M needs, split-K only
+    where the tile grid alone would not fill the GPU, and pipelines that fit in shared
+    memory. Never a config that does not fit; raises when none does (kernel-check proves
+    every supported GPU keeps several for every M)."""
+    fits = [c for c in gemm_configs_for(configs, x_bytes)
+            if gemm_shared_bytes(c, x_bytes, group_len) <= props.max_shared_mem]
+    if not fits:
+        raise RuntimeError(f"no int4 GEMM config fits {props.max_shared_mem} bytes of shared memory")
     kept = []
-    for c in configs:
+    for c in fits:
         bm, sk = c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]
         if bm > max(16, m_bucket) or (m_bucket >= 64 and bm < 64):
             continue
         tiles = triton.cdiv(m_bucket, bm) * triton.cdiv(n, c.kwargs["BLOCK_N"])
-        if sk > 1 and tiles >= sms:
-            continue
-        if gemm_shared_bytes(c, x_bytes) > smem:
+        if sk > 1 and tiles >= props.sms:
             continue
         kept.append(c)
-    return kept or [min(configs, key=lambda c: gemm_shared_bytes(c, x_bytes))]
+    return kept or [min(fits, key=lambda c: (c.kwargs["BLOCK_M"], gemm_shared_bytes(c, x_bytes, group_len)))]
+
+
+def prune_gemv(configs, named_args, props, **kwargs):
+    """triton.autotune's early_config_prune (the launcher binds the launch's device to
+    props; constexpr arguments such as GROUP_LEN arrive in kwargs)."""
+    return select_gemv(configs, named_args["N"], named_args["K"], named_args["x_ptr"].element_size(), props)
+
+
+def prune_gemm(configs, named_args, props, **kwargs):
+    """triton.autotune's early_config_prune (the launcher binds the launch's device to
+    props; constexpr arguments such as GROUP_LEN arrive in kwargs)."""
+    group_len = kwargs.get("GROUP_LEN", named_args.get("GROUP_LEN"))
+    return select_gemm(configs, named_args["M_BUCKET"], named_args["N"], named_args["x_ptr"].element_size(),
+                       group_len, props)
 
 
 @triton.jit

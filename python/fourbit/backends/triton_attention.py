@@ -14,7 +14,7 @@ import triton
 
 from fourbit.kernels import paged_attention as _kernels
 
-from . import interpreted
+from . import devices, interpreted
 
 # Decode splits a sequence into partitions of at least this many tokens...
 MIN_PARTITION = 256
@@ -27,10 +27,52 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _tiles() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): query rows (prefill) and keys per tile. Small in the interpreter,
-    where each program runs in Python and the tests want several tiles per sequence."""
-    return (16, 16) if interpreted() else (64, 64)
+# Tile candidates, best first, as (BLOCK_M, BLOCK_N, num_warps, num_stages): the first that
+# fits the GPU's shared memory is taken. Wide tiles take 8 warps past head_dim 64 so the fp32
+# accumulator [BLOCK_M, head_dim] stays in registers; fp32 inputs (exact fp32 products on
+# CUDA cores) take small tiles. `make kernel-check` compiles the choice for every head_dim,
+# dtype and supported GPU and fails on any that overflows shared memory or spills.
+_CANDIDATES = {
+    (2, False): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)],
+    (2, True): [(64, 64, 8, 3), (32, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)],
+    (4, False): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 1)],
+    (4, True): [(16, 32, 8, 2), (16, 16, 8, 1), (16, 16, 4, 1)],
+}
+
+
+def attention_shared_bytes(block_m: int, block_n: int, num_stages: int, head_dim: int, dtype_bytes: int) -> int:
+    """An upper bound on the shared memory of a paged attention tile (proved against the
+    compiled kernels by `make kernel-check`): K and V tiles per pipeline stage, the query
+    block, and the probabilities on their way into the second dot."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return (max(1, num_stages) * 2 * block_n * block_d * dtype_bytes + block_m * block_d * dtype_bytes
+            + block_m * block_n * 4)
+
+
+def attention_tiles(kind: str, head_dim: int, dtype: torch.dtype, props: devices.DeviceProps,
+                    group: int = 1) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kind "prefill" or "decode" at head_dim
+    and dtype on a GPU `props`. BLOCK_M is the query rows of a prefill tile; decode's rows
+    are the GQA group's heads (BLOCK_G, at least 16). Never a tile that does not fit."""
+    if kind not in ("prefill", "decode"):
+        raise ValueError(f"unknown attention kind {kind!r}; choose 'prefill' or 'decode'")
+    size = torch.empty((), dtype=dtype).element_size()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    rows = max(16, triton.next_power_of_2(group)) if kind == "decode" else None
+    for block_m, block_n, warps, stages in _CANDIDATES[(size, block_d > 64)]:
+        block_m = rows or block_m
+        if attention_shared_bytes(block_m, block_n, stages, head_dim, size) <= props.max_shared_mem:
+            return block_m, block_n, warps, stages
+    raise RuntimeError(f"no paged attention tile for head_dim {head_dim} in {dtype} fits "
+                       f"{props.max_shared_mem} bytes of shared memory")
+
+
+def _tiles(kind: str, q: torch.Tensor, group: int = 1) -> tuple[int, int, int, int]:
+    """The launch's tiles. Small in the interpreter, where each program runs in Python and
+    the tests want several tiles per sequence."""
+    if interpreted():
+        return (max(16, triton.next_power_of_2(group)) if kind == "decode" else 16), 16, 4, 1
+    return attention_tiles(kind, q.shape[-1], q.dtype, devices.current(q.device), group)
 
 
 def _fp32_dot(dtype: torch.dtype) -> bool:
@@ -67,7 +109,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, p
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
     capacity = block_tables.shape[1] * page
-    _, block_n = _tiles()
+    block_g, block_n, num_warps, num_stages = _tiles("decode", q, group)
     partition = partition or decode_partition(batch, kv_heads, capacity, block_n, _sm_count(q.device))
     splits = triton.cdiv(capacity, partition)
     out = torch.empty(q.shape, device=q.device, dtype=_store_dtype(q.dtype))
@@ -84,8 +126,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, p
         block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype), num_warps=4)
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE=page, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _kernels.paged_decode_merge_kernel[(batch, heads)](
             part, lse, out, splits,
@@ -103,7 +145,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_s
     total_q, heads, head_dim = q.shape
     batch = block_tables.shape[0]
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
-    block_m, block_n = _tiles()
+    block_m, block_n, num_warps, num_stages = _tiles("prefill", q)
     longest = max(1, max_query_len)
     out = torch.empty(q.shape, device=q.device, dtype=_store_dtype(q.dtype))
     _kernels.paged_prefill_kernel[(batch, triton.cdiv(longest, block_m), heads)](
@@ -114,5 +156,5 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_s
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
-        BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype), num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return out.to(q.dtype)

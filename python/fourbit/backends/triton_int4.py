@@ -6,9 +6,14 @@ torch.matmul). The kernels are plain @triton.jit functions; this module wraps th
 triton.autotune with its tuning policy:
 
 - under Triton's CPU interpreter (TRITON_INTERPRET=1): one small config, no tuning;
-- FOURBIT_TRITON_TUNE=quick: a two-config subset of the production lists (the test suite
-  on a GPU: every config compiles once per shape it meets);
+- FOURBIT_TRITON_TUNE=quick: a small subset of the production lists (the test suite on a
+  GPU: every config compiles once per shape it meets), pruned like them;
 - otherwise the full lists of kernels/int4_matmul.py, pruned per shape and GPU.
+
+Tests and production share the lists and the pruners: the pruners are pure functions of
+the shape, dtype and the GPU's DeviceProps (devices.py), which never keep a config that
+does not fit the GPU's shared memory (`make kernel-check` proves it for every supported
+GPU from the compiled kernels).
 
 Autotuning keeps its results in Triton's on-disk cache (fourbit.tune warms it).
 """
@@ -20,7 +25,7 @@ import os
 
 import torch
 
-from . import interpreted
+from . import devices, interpreted
 
 PATHS = ("gemv", "gemm", "dense")
 
@@ -34,7 +39,7 @@ def _tuning_policy() -> str:
 # The quick subsets: (BLOCK_N, BLOCK_K, SPLIT_K) of the GEMV and (BLOCK_M, BLOCK_N, BLOCK_K,
 # SPLIT_K) of the GEMM, one split-K config and one plain tile each.
 _QUICK_GEMV = {(32, 256, 4), (16, 256, 1)}
-_QUICK_GEMM = {(16, 64, 128, 2), (64, 128, 64, 1)}
+_QUICK_GEMM = {(16, 64, 64, 2), (64, 64, 64, 1)}
 
 
 @functools.cache
@@ -55,11 +60,19 @@ def _tuned_kernels(policy: str):
         gemm = pick(k.gemm_configs(), ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"), _QUICK_GEMM)
     else:
         gemv, gemm = k.gemv_configs(), k.gemm_configs()
+    def on_device(prune):
+        # The pruners are pure functions of the device's properties: bind the launch's GPU.
+        return lambda configs, named_args, **kw: prune(configs, named_args, _props(named_args["x_ptr"]), **kw)
+
     tune = functools.partial(triton.autotune, reset_to_zero=["out_ptr"], cache_results=True)
     return (tune(configs=gemv, key=["M", "N", "K", "GROUP_LEN"],
-                 prune_configs_by={"early_config_prune": k.prune_gemv})(k.int4_gemv_kernel),
+                 prune_configs_by={"early_config_prune": on_device(k.prune_gemv)})(k.int4_gemv_kernel),
             tune(configs=gemm, key=["M_BUCKET", "N", "K", "GROUP_LEN"],
-                 prune_configs_by={"early_config_prune": k.prune_gemm})(k.int4_gemm_kernel))
+                 prune_configs_by={"early_config_prune": on_device(k.prune_gemm)})(k.int4_gemm_kernel))
+
+
+def _props(x: torch.Tensor) -> devices.DeviceProps:
+    return devices.INTERPRETER if interpreted() else devices.current(x.device)
 
 
 def dequantize(qweight, scales, offsets, group_len: int, k: int, dtype: torch.dtype) -> torch.Tensor:

@@ -159,3 +159,17 @@ def test_committed_table_covers_the_current_configs(table):
     assert jobs <= rows, sorted(jobs - rows)[:10]
     for gpu in GPUS:
         assert any(r["device"] == gpu for r in table["triton_rows"]), gpu
+
+
+@pytest.mark.parametrize("policy", ["quick", "full"])
+def test_autotuners_prune_through_the_launch_device(mm, policy):
+    """The launcher's autotuners call the pure pruners with the launch's device (the
+    interpreter's properties for a CPU tensor): the same lists and pruners as production."""
+    from fourbit.backends import triton_int4
+
+    gemv, gemm = triton_int4._tuned_kernels(policy)
+    x = torch.empty(5, 4096, dtype=torch.float16)
+    args = {"x_ptr": x, "M_BUCKET": 8, "N": 4096, "K": 4096}
+    kept = gemm.early_config_prune(gemm.configs, args, GROUP_LEN=128, FP32_DOT=False)
+    assert kept == mm.select_gemm(gemm.configs, 8, 4096, 2, 128, devices.INTERPRETER)
+    assert gemv.early_config_prune(gemv.configs, args, GROUP_LEN=128)

@@ -56,22 +56,39 @@ def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
     return cache[block_tables.long().clamp(0, cache.shape[0] - 1)].flatten(1, 2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+            guard_non_finite: bool = False) -> torch.Tensor:
     """Attention of q [B, T, Hq, D] over k, v [B, L, Hkv, D] where visible [B, T, L] (Hq a
     multiple of Hkv: query head h reads kv head h // (Hq / Hkv)). Computed in fp32 by torch's
     SDPA; returns [B, T, Hq, D] in q's dtype.
 
-    Keys a query does not see never touch its result, NaN and inf included: SDPA's additive
-    mask would turn a masked NaN score or value into NaN (-inf + NaN, 0 * NaN), so
-    non-finite keys and values are zeroed before it, and the queries that do see one are set
-    to NaN after it (NaN in, NaN out; stale slots and later tokens stay out)."""
-    bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)                       # [B, L, Hkv]
-    k, v = (torch.where(bad[..., None], 0.0, t.float()) for t in (k, v))
+    Keys a query does not see must never touch its result, NaN and inf included; SDPA's
+    additive mask alone would let a masked NaN score or value through (-inf + NaN, 0 * NaN).
+    When every query of a row sees the same keys (decode), the caller zeroes the others in
+    place (_zero_past); otherwise (prefill, causal) guard_non_finite zeroes non-finite keys and
+    values before SDPA and sets NaN on the queries that do see one after it."""
+    bad = None
+    if guard_non_finite:
+        bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)                   # [B, L, Hkv]
+        k, v = (t.masked_fill(bad[..., None], 0.0) for t in (k, v))
     q4, k4, v4 = (t.float().transpose(1, 2) for t in (q, k, v))            # [B, heads, tokens, D]
     out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
-    sees_bad = (visible[..., None] & bad[:, None]).any(2)                         # [B, T, Hkv]
-    sees_bad = sees_bad.repeat_interleave(q.shape[2] // k.shape[2], dim=-1)       # [B, T, Hq]
-    return torch.where(sees_bad[..., None], float("nan"), out.transpose(1, 2)).to(q.dtype)
+    out = out.transpose(1, 2)
+    if bad is not None:
+        sees_bad = (visible[..., None] & bad[:, None]).any(2)                     # [B, T, Hkv]
+        sees_bad = sees_bad.repeat_interleave(q.shape[2] // k.shape[2], dim=-1)   # [B, T, Hq]
+        out = out.masked_fill(sees_bad[..., None], float("nan"))
+    return out.to(q.dtype)
+
+
+def _zero_past(k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the gathered slots k, v [B, L, Hkv, D] at or past each sequence's
+    length (stale pages: NaN there must not reach the sequence). Returns which slots are
+    real: bool [B, L]."""
+    real = torch.arange(k.shape[1], device=k.device)[None, :] < seq_lens[:, None]
+    k.masked_fill_(~real[..., None, None], 0.0)
+    v.masked_fill_(~real[..., None, None], 0.0)
+    return real
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -84,8 +101,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Returns:
         [B, Hq, D] in q's dtype.
     """
-    k, v = _gather_pages(k_cache, block_tables), _gather_pages(v_cache, block_tables)
-    visible = torch.arange(k.shape[1], device=q.device)[None, None, :] < seq_lens[:, None, None]   # [B, 1, L]
+    k, v = _gather_pages(k_cache, block_tables), _gather_pages(v_cache, block_tables)   # fresh copies
+    visible = _zero_past(k, v, seq_lens)[:, None, :]                                  # [B, 1, L]
     out = _attend(q[:, None], k, v, visible, scale)[:, 0]
     return torch.where((seq_lens > 0)[:, None, None], out, 0.0)  # no key to attend to: 0, as the kernels give
 
@@ -117,7 +134,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     position = (seq_lens - new)[:, None] + rows
     k, v = _gather_pages(k_cache, block_tables), _gather_pages(v_cache, block_tables)
     visible = torch.arange(k.shape[1], device=device)[None, None, :] <= position[:, :, None]       # [B, T, L]
-    out = _attend(q[token.clamp(0, max(total_q - 1, 0))], k, v, visible, scale)
+    out = _attend(q[token.clamp(0, max(total_q - 1, 0))], k, v, visible, scale, guard_non_finite=True)
     # Scatter the real rows back to their tokens; padding rows go to a spare row past the end
     # (an index, not a boolean mask: no data-dependent shape, so no host synchronization).
     target = torch.where(inside, token, total_q)

@@ -7,6 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _checks
+from .backends import check_backend_name
 from .format import (
     COMPUTE_DTYPES,
     Int4Weight,
@@ -17,7 +18,7 @@ from .format import (
     unpack_mma_weight,
 )
 from .kv_cache import PagedBatch
-from .ops import BACKENDS, check_activation, linear, paged_attention, paged_prefill_attention, write_kv
+from .ops import check_activation, linear, paged_attention, paged_prefill_attention, write_kv
 from .quantize import Int4WeightOnlyConfig, as_config, quantize_weight
 
 
@@ -86,9 +87,7 @@ class Int4Linear(nn.Module):
 
     @backend.setter
     def backend(self, backend: str) -> None:
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
-        self._backend = backend
+        self._backend = check_backend_name(backend)
         self._relayout()
 
     def _wanted_layout(self) -> str:
@@ -196,8 +195,7 @@ class PagedAttention(nn.Module):
                                               ("head_dim", head_dim)))
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+        check_backend_name(backend)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.backend = scale, backend
 

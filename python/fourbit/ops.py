@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, reference
-from .backends import _C, BACKENDS, available_backends, unavailable
+from .backends import _C, BACKENDS, available_backends, check_backend_name, unavailable
 from .dispatch import choose_attention_backend, choose_backend
 from .format import COMPUTE_DTYPES, Int4Weight, dequantize, prepack_mma_weight, unpack_mma_weight
 from .kv_cache import PagedBatch
@@ -33,10 +33,8 @@ __all__ = ["BACKENDS", "available_backends", "choose_attention_backend", "choose
 
 def resolve(backend: str, device: torch.device, op: str, auto) -> str:
     """The backend that runs op: auto() for "auto", else the forced one if it can run here."""
-    if backend == "auto":
+    if check_backend_name(backend) == "auto":
         return auto()
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     reason = unavailable(backend, device, op)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run here: {reason}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from .backends import check_backend_name
 from .format import COMPUTE_DTYPES, Int4Weight, check_group_size, pack_int4, padded_k
 
 _BITS_AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -165,9 +166,7 @@ class Int4WeightOnlyConfig:
         check_group_size(self.group_size)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be True or False, got {self.symmetric!r}")
-        from .ops import BACKENDS  # here, not at the top: quantize.py sits below ops
-        if self.backend != "auto" and self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {('auto',) + BACKENDS}")
+        check_backend_name(self.backend)
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip or ())
         if not all(isinstance(p, str) for p in skip):
             raise TypeError(f"skip must be fnmatch patterns (str), got {self.skip!r}")

@@ -50,6 +50,14 @@ KERNELS = {
 _TRITON_MISSING = None if importlib.util.find_spec("triton") else "no module named 'triton'"
 
 
+def check_backend_name(backend: str) -> str:
+    """backend itself when it is "auto" or one of BACKENDS; ValueError naming it otherwise.
+    The one check every place that takes a backend name uses."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    return backend
+
+
 def triton_import_error() -> str | None:
     """Why triton cannot be used here (it is not installed), or None."""
     return _TRITON_MISSING

@@ -14,7 +14,9 @@ cache, q or out. The values are checked once per step, when its PagedBatch is bu
   of sequence b's tokens for all GQA query heads of that kv head at once, so the query
   block [heads of the group, D] meets each key tile in one tl.dot (tensor cores) and each
   K/V tile is read once for the whole group. It writes the partition's normalized output
-  and its log-sum-exp; paged_decode_merge_kernel combines the partitions.
+  and its log-sum-exp; paged_decode_merge_kernel combines the partitions. The grid's splits
+  come from the table width (host-side, so one captured launch serves every step); each
+  sequence's own partition comes from its seq_len on the device (decode_split).
 - paged_prefill_kernel: program (b, block of BLOCK_M new tokens, query head) runs the
   online softmax over the key tiles up to the block's last position (causal).
 """
@@ -79,9 +81,23 @@ def _online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, FP32_DOT: tl
 
 
 @triton.jit
+def decode_split(seq_len, capacity, max_partition, num_splits, min_partition, BLOCK_N: tl.constexpr):
+    """Sequence b's flash-decoding plan from its seq_len, the same in the decode and the merge
+    kernel (mirrored by backends/triton_attention.py decode_split): (seq_len clamped into
+    [0, capacity], tokens per partition, partitions that hold tokens). As many partitions as
+    seq_len has min_partition tokens, between 1 and the grid's num_splits; each a whole
+    number of BLOCK_N tiles and at most max_partition tokens (the launcher's capacity-sized
+    partition: no program runs longer than a capacity-sized split would)."""
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), capacity)
+    want = tl.minimum(tl.maximum(tl.cdiv(seq_len, min_partition), 1), num_splits)
+    part = tl.minimum(tl.cdiv(tl.maximum(tl.cdiv(seq_len, want), 1), BLOCK_N) * BLOCK_N, max_partition)
+    return seq_len, part, tl.maximum(tl.cdiv(seq_len, part), 1)
+
+
+@triton.jit
 def paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr, lse_ptr,
-    scale, partition, num_blocks, max_blocks,
+    scale, max_partition, min_partition, num_blocks, max_blocks,
     stride_qb, stride_qh,
     stride_page, stride_row, stride_head,
     stride_btb,
@@ -93,59 +109,64 @@ def paged_decode_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.minimum(tl.load(sl_ptr + b), max_blocks * PAGE)
-    start = split * partition
-    end = tl.minimum(start + partition, seq_len)
+    seq_len, partition, used = decode_split(tl.load(sl_ptr + b), max_blocks * PAGE, max_partition,
+                                            tl.num_programs(2), min_partition, BLOCK_N)
+    # Splits past the sequence's used ones write nothing: the merge reads only `used` of them.
+    if split < used:
+        start = split * partition
+        end = tl.minimum(start + partition, seq_len)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    heads = kvh * GROUP + offs_g
-    g_mask = offs_g < GROUP
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    # exp2 with log2(e) folded into the scale: one multiply per score.
-    qk_scale = scale * 1.4426950408889634
+        offs_g = tl.arange(0, BLOCK_G)
+        heads = kvh * GROUP + offs_g
+        g_mask = offs_g < GROUP
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        # exp2 with log2(e) folded into the scale: one multiply per score.
+        qk_scale = scale * 1.4426950408889634
 
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for t0 in range(start, end, BLOCK_N):
-        offs_t = t0 + tl.arange(0, BLOCK_N)
-        t_mask = offs_t < end
-        k, v = _load_kv_tile(k_ptr, v_ptr, bt_ptr + b * stride_btb, offs_t, t_mask, kvh, offs_d, d_mask, num_blocks,
-                             stride_page, stride_row, stride_head, PAGE)
-        m_i, l_i, acc = _online_softmax_step(q, k, v, t_mask[None, :], qk_scale, m_i, l_i, acc, FP32_DOT)
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_N):
+            offs_t = t0 + tl.arange(0, BLOCK_N)
+            t_mask = offs_t < end
+            k, v = _load_kv_tile(k_ptr, v_ptr, bt_ptr + b * stride_btb, offs_t, t_mask, kvh, offs_d, d_mask,
+                                 num_blocks, stride_page, stride_row, stride_head, PAGE)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, t_mask[None, :], qk_scale, m_i, l_i, acc, FP32_DOT)
 
-    # An empty partition (past the sequence's end) leaves l = 0: its log-sum-exp is -inf
-    # and the merge gives it zero weight.
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))    # base 2
-    o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+        # Only a sequence of length 0 has an empty used split (its one): l = 0 there, the
+        # output 0 and the log-sum-exp -inf, which the merge weighs 0.
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))    # base 2
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
 @triton.jit
 def paged_decode_merge_kernel(
-    part_ptr, lse_ptr, out_ptr,
-    num_splits,
+    part_ptr, lse_ptr, out_ptr, sl_ptr,
+    num_splits, capacity, max_partition, min_partition,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s: the exact softmax over the
-    # whole sequence from the per-partition results (partition 0 is never empty).
+    # whole sequence from the results of its used partitions (decode_split, as the decode
+    # kernel planned them; the others were never written).
     b = tl.program_id(0)
     h = tl.program_id(1)
+    _, _, used = decode_split(tl.load(sl_ptr + b), capacity, max_partition, num_splits, min_partition, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < num_splits
+    s_mask = offs_s < used
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
-    # Every partition empty (a sequence of length 0): weights 0, output 0, not NaN.
-    w = tl.where(lse_max == float("-inf"), 0.0, tl.exp2(lse - lse_max))
+    # Every partition empty (a sequence of length 0): weights 2^-inf = 0, output 0, not NaN.
+    w = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
     w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM

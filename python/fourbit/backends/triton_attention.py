@@ -16,10 +16,17 @@ from fourbit.kernels import paged_attention as _kernels
 
 from . import devices, interpreted
 
-# Decode splits a sequence into partitions of at least this many tokens...
+# Decode splits a sequence into partitions of about this many tokens (more than half, at most
+# this rounded to whole key tiles) where the grid has splits enough, fewer longer ones where not...
 MIN_PARTITION = 256
 # ... and uses as many as it takes to give the GPU this many programs per SM.
 PROGRAMS_PER_SM = 2
+
+
+def _min_partition(device: torch.device) -> int:
+    # The interpreter's key tiles are 16 tokens: partitions of two of them let the tests
+    # spread short sequences over several partitions.
+    return MIN_PARTITION if device.type == "cuda" else 32
 
 
 def _sm_count(device: torch.device) -> int:
@@ -95,22 +102,38 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         HD=hd, BLOCK=triton.next_power_of_2(hd))
 
 
-def decode_partition(batch: int, kv_heads: int, capacity: int, block_n: int, sms: int) -> int:
-    """Tokens per decode partition: enough partitions that batch x kv_heads x partitions
-    fills the GPU, none shorter than MIN_PARTITION, a whole number of key tiles. Computed
-    from the page table's capacity (known on the host), not from seq_lens (on the device)."""
-    splits = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch * kv_heads), triton.cdiv(capacity, MIN_PARTITION)))
+def decode_partition(batch: int, kv_heads: int, capacity: int, block_n: int, sms: int,
+                     min_partition: int = MIN_PARTITION) -> int:
+    """The grid's tokens per decode partition, from the page table's capacity (known on the
+    host): enough partitions that batch x kv_heads x partitions fills the GPU, none shorter
+    than min_partition, a whole number of key tiles. The grid has cdiv(capacity, it) splits;
+    each sequence then takes its own partition of at most this many tokens (decode_split)."""
+    splits = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch * kv_heads), triton.cdiv(capacity, min_partition)))
     return triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
 
 
+def decode_split(seq_len: int, capacity: int, max_partition: int, num_splits: int, min_partition: int,
+                 block_n: int) -> tuple[int, int, int]:
+    """What the kernels compute on the device from a sequence's seq_len (decode_split in
+    kernels/paged_attention.py, which this mirrors): (seq_len clamped into [0, capacity],
+    its tokens per partition, the partitions that hold tokens)."""
+    seq_len = min(max(seq_len, 0), capacity)
+    want = min(max(triton.cdiv(seq_len, min_partition), 1), num_splits)
+    part = min(triton.cdiv(max(triton.cdiv(seq_len, want), 1), block_n) * block_n, max_partition)
+    return seq_len, part, max(triton.cdiv(seq_len, part), 1)
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, partition: int | None = None):
-    """Decode (ops.paged_attention). partition forces the tokens per split (tests)."""
+    """Decode (ops.paged_attention). The grid is sized from the table width; each program
+    plans its sequence's partitions from seq_lens on the device (no host read). partition
+    forces the grid's tokens per split, the most any sequence's partition may hold (tests)."""
     batch, heads, head_dim = q.shape
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
     capacity = block_tables.shape[1] * page
     block_g, block_n, num_warps, num_stages = _tiles("decode", q, group)
-    partition = partition or decode_partition(batch, kv_heads, capacity, block_n, _sm_count(q.device))
+    min_partition = _min_partition(q.device)
+    partition = partition or decode_partition(batch, kv_heads, capacity, block_n, _sm_count(q.device), min_partition)
     splits = triton.cdiv(capacity, partition)
     out = torch.empty(q.shape, device=q.device, dtype=_store_dtype(q.dtype))
     # One partition: the kernel writes the final output. Several: fp32 partials, then the merge.
@@ -120,7 +143,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, p
     block_d = max(16, triton.next_power_of_2(head_dim))
     _kernels.paged_decode_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part, lse,
-        scale, partition, k_cache.shape[0], block_tables.shape[1],
+        scale, partition, min_partition, k_cache.shape[0], block_tables.shape[1],
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -130,11 +153,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, p
         PAGE=page, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _kernels.paged_decode_merge_kernel[(batch, heads)](
-            part, lse, out, splits,
+            part, lse, out, seq_lens,
+            splits, capacity, partition, min_partition,
             part.stride(0), part.stride(1), part.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), BLOCK_N=block_n)
     return out.to(q.dtype)
 
 

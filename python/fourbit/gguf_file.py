@@ -35,7 +35,7 @@ _INT64_MAX = 2**63 - 1
 
 # ggml tensor types fourbit reads itself: name, weights per block, bytes per block.
 TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
-         30: ("BF16", 1, 2)}
+         12: ("Q4_K", 256, 144), 30: ("BF16", 1, 2)}
 
 
 @dataclasses.dataclass

@@ -1,9 +1,12 @@
 """Read Llama-family GGUF files (llama.cpp) through fourbit.gguf_file.
 
-Tensors F32, F16, BF16 and F64 load as they are; Q4_0 and Q4_1 load as Int4Weight with no
-loss (both are groups of 32 along K: Q4_1 stores w = q d + m, which is fourbit's format with
-s = d; Q4_0 stores w = (q - 8) d, the symmetric case m = -8 d); Q8_0 (w = q d, q int8)
-and every other type the `gguf` package can dequantize load as float. The integer types
+Tensors F32, F16, BF16 and F64 load as they are; Q4_0, Q4_1 and Q4_K load as Int4Weight with
+no loss, in groups of 32 along K: Q4_1 stores w = q d + m, which is fourbit's format with
+s = d; Q4_0 stores w = (q - 8) d, the symmetric case m = -8 d; Q4_K stores
+w = d sc q - dmin mn (an fp16 d and dmin per 256 weights, 6-bit sc and mn per 32), which is
+s = d sc and m = -dmin mn in fp32, where both products are exact (11 + 6 significant bits).
+Q8_0 (w = q d, q int8) and every other type the `gguf` package can dequantize (Q5_K, Q6_K,
+...) load as float32, exactly as that package dequantizes them. The integer types
 (I8 to I64) load as integer tensors, which the loader rejects by name: a weight is never
 made of a silent cast.
 
@@ -23,6 +26,9 @@ from .llama import LlamaConfig
 
 # Bytes of one block of 32 weights: fp16 d (and fp16 m for Q4_1), then 16 bytes of nibbles.
 _Q4_BLOCK = {"Q4_0": 18, "Q4_1": 20}
+# Q4_K's super-block of 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins
+# of its eight sub-blocks of 32, then 128 bytes of nibbles.
+_Q4_K_BLOCK, _Q4_K_WEIGHTS = 144, 256
 
 
 def read_config(file: GGUFFile) -> LlamaConfig:
@@ -53,18 +59,18 @@ def read_config(file: GGUFFile) -> LlamaConfig:
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
 
 
-def _blocks(tensor, block_bytes: int) -> np.ndarray:
-    """uint8 [N, K / 32, block_bytes]: the blocks of 32 weights of each row."""
-    if len(tensor.shape) != 2 or tensor.shape[1] % 32:
+def _blocks(tensor, block_bytes: int, weights: int = 32) -> np.ndarray:
+    """uint8 [N, K / weights, block_bytes]: the blocks of `weights` weights of each row."""
+    if len(tensor.shape) != 2 or tensor.shape[1] % weights:
         raise ValueError(f"GGUF tensor {tensor.name} of type {tensor.type_name} has shape {tensor.shape}: "
-                         f"blocks of 32 weights need an [N, K] matrix with K a multiple of 32")
+                         f"blocks of {weights} weights need an [N, K] matrix with K a multiple of {weights}")
     n, k = tensor.shape
-    return tensor.data.reshape(n, k // 32, block_bytes)
+    return tensor.data.reshape(n, k // weights, block_bytes)
 
 
 def _fp16(bytes_: np.ndarray) -> torch.Tensor:
     """[..., 2] uint8 little-endian fp16 values -> float16 tensor [...]."""
-    return torch.from_numpy(np.ascontiguousarray(bytes_).view(np.float16)[..., 0])
+    return torch.from_numpy(np.array(bytes_).view(np.float16)[..., 0])  # a copy: the file is read-only
 
 
 def _q4_weight(tensor) -> Int4Weight:
@@ -78,6 +84,38 @@ def _q4_weight(tensor) -> Int4Weight:
     if tensor.type_name == "Q4_1":
         return Int4Weight(pack_int4(q), d, _fp16(blocks[..., 2:4]), 32, (n, k), symmetric=False)
     return Int4Weight(pack_int4(q), d, d * -8, 32, (n, k), symmetric=True)  # -8 d is exact in fp16
+
+
+def _q4_k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., 12] uint8 -> the 6-bit (sc, mn) uint8 [..., 8] of a Q4_K super-block's sub-blocks.
+
+    Bytes 0-3 hold sc[0..3] in their low 6 bits, bytes 4-7 mn[0..3]; sub-blocks 4-7 take
+    their low 4 bits from bytes 8-11 (sc low nibble, mn high nibble) and their top 2 bits
+    from the top 2 bits of bytes 0-3 (sc) and 4-7 (mn)."""
+    a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def _q4_k_weight(tensor) -> Int4Weight:
+    """A Q4_K tensor as an Int4Weight of group size 32 with fp32 scales and offsets, exactly:
+    d sc and dmin mn are exact in fp32, q s is too (4 more bits), so q s + m rounds once, as
+    d sc q - dmin mn does in the gguf package's fp32 dequantization."""
+    n, k = tensor.shape
+    blocks = _blocks(tensor, _Q4_K_BLOCK, _Q4_K_WEIGHTS)                            # [n, k / 256, 144]
+    d, dmin = _fp16(blocks[..., 0:2]).float(), _fp16(blocks[..., 2:4]).float()       # [n, k / 256]
+    sc, mn = (torch.from_numpy(v).float() for v in _q4_k_scales_mins(blocks[..., 4:16]))  # [n, k / 256, 8]
+    scales = (d[..., None] * sc).reshape(n, k // 32)
+    offsets = (-(dmin[..., None] * mn)).reshape(n, k // 32)
+    # The nibbles come in four runs of 32 bytes; byte l of run c holds weight 64 c + l (low
+    # nibble, sub-block 2 c) and weight 64 c + 32 + l (high nibble, sub-block 2 c + 1).
+    qs = torch.from_numpy(np.array(blocks[..., 16:])).view(n, k // _Q4_K_WEIGHTS, 4, 32)
+    q = torch.empty(n, k // _Q4_K_WEIGHTS, 4, 2, 32, dtype=torch.uint8)
+    torch.bitwise_and(qs, 0x0F, out=q[..., 0, :])
+    torch.bitwise_right_shift(qs, 4, out=q[..., 1, :])
+    q = q.view(n, k)
+    return Int4Weight(pack_int4(q), scales, offsets, 32, (n, k), symmetric=False)
 
 
 # ggml's element types of one value each, read as they are (the loader checks the dtype).
@@ -104,8 +142,13 @@ def _dense_tensor(tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
 
-def _tensor(tensor):
-    return _q4_weight(tensor) if tensor.type_name in _Q4_BLOCK else _dense_tensor(tensor)
+def read_tensor(tensor):
+    """A GGUFTensor as fourbit loads it: an Int4Weight (Q4_0, Q4_1, Q4_K), a float tensor
+    (the plain float types, and every other block type dequantized to float32) or an
+    integer tensor (I8 to I64)."""
+    if tensor.type_name in _Q4_BLOCK:
+        return _q4_weight(tensor)
+    return _q4_k_weight(tensor) if tensor.type_name == "Q4_K" else _dense_tensor(tensor)
 
 
 def _unpermute_rows(value, heads: int):
@@ -135,7 +178,7 @@ class GGUFCheckpoint:
     def _get(self, name: str):
         if name not in self._tensors:
             raise ValueError(f"{self.path} has no tensor {name!r}")
-        return _tensor(self._tensors[name])
+        return read_tensor(self._tensors[name])
 
     def tensor_name(self, role: str, layer: int | None = None) -> str:
         """The file's name of the tensor of `role` in layer `layer` (None: the model's ends)."""

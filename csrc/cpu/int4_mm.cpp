@@ -84,8 +84,10 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
                   is_compute_dtype(scales.scalar_type()),
               "int4_mm_cpu: scales must be float [N, K_padded / group_len] = [", n, ", ", groups, "], got ",
               scales.scalar_type(), " ", scales.sizes());
-  TORCH_CHECK(offsets.sizes() == scales.sizes() && offsets.scalar_type() == scales.scalar_type(),
-              "int4_mm_cpu: offsets must match scales in dtype and shape, got ", offsets.scalar_type(), " ",
+  // Offsets may be fp32 beside 16-bit scales (exact imports, python/fourbit/format.py): both
+  // are widened to fp32 below.
+  TORCH_CHECK(offsets.sizes() == scales.sizes() && is_compute_dtype(offsets.scalar_type()),
+              "int4_mm_cpu: offsets must be float with the shape of scales, got ", offsets.scalar_type(), " ",
               offsets.sizes());
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == n && bias->is_floating_point()),
               "int4_mm_cpu: bias must be a float [N] = [", n, "] tensor");

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import _checks
-from .format import COMPUTE_DTYPES, FORMAT_VERSION
+from .format import COMPUTE_DTYPES, FORMAT_VERSION, READABLE_FORMAT_VERSIONS, check_perm
 from .nn import Int4Linear, _set_submodule
 
 try:
@@ -55,7 +55,7 @@ DEFAULT_MAX_SHARD_BYTES = 4 << 30
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, dict]:
-    return {name: dict(group_size=m.group_size, symmetric=m.symmetric,
+    return {name: dict(group_size=m.group_size, symmetric=m.symmetric, act_order=m.act_order,
                        in_features=m.in_features, out_features=m.out_features)
             for name, m in model.named_modules() if isinstance(m, Int4Linear)}
 
@@ -232,9 +232,9 @@ def _read_metadata(metadata: dict[str, str], path: Path) -> tuple[dict, dict]:
     if metadata.get("format") != "fourbit":
         raise ValueError(f"{path} is not a fourbit checkpoint (metadata format={metadata.get('format')!r})")
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in [str(v) for v in READABLE_FORMAT_VERSIONS]:
         raise ValueError(f"{path} has fourbit format version {version!r}; this fourbit reads "
-                         f"version {FORMAT_VERSION}")
+                         f"versions {READABLE_FORMAT_VERSIONS}")
     return json.loads(metadata.get("quantized", "{}")), json.loads(metadata.get("aliases", "{}"))
 
 
@@ -270,8 +270,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
     its float weights are never materialized. Every tensor name, shape and dtype is checked
     before the model changes: integer tensors (qweight: int32 [out_features, K_padded / 8])
     must have the model's dtype; float tensors load in their stored dtype, and each
-    Int4Linear's scales and offsets ([out_features, num_groups]) share one compute dtype
-    (fp32, bf16 or fp16).
+    Int4Linear's scales and offsets ([out_features, num_groups]) are each fp32, bf16 or
+    fp16, and its perm (act-order layers) a permutation of its input channels.
 
     Args:
         model: the architecture the checkpoint was saved from (meta, CPU or CUDA).
@@ -302,7 +302,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
             raise ValueError(f"{path} stores {name!r} as Int4Linear({cfg['in_features']}, "
                              f"{cfg['out_features']}) but the model has {old}")
         swaps[name] = Int4Linear(cfg["in_features"], cfg["out_features"], old.bias is not None,
-                                 cfg["group_size"], cfg["symmetric"], device="meta")
+                                 cfg["group_size"], cfg["symmetric"], device="meta",
+                                 act_order=cfg.get("act_order", False))
     expected = {n: t for n, t in model.state_dict().items()
                 if not any(n.startswith(s + ".") for s in swaps)}
     for name, module in swaps.items():
@@ -328,14 +329,17 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
         if tuple(t.shape) != tuple(want.shape) or not dtype_ok:
             raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, the model "
                              f"expects {want.dtype} {tuple(want.shape)}")
-    for name in swaps:  # the int4 format's rule for the float tensors of a layer
-        scales, offsets = loaded[f"{name}.scales"], loaded[f"{name}.offsets"]
-        if scales.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"{path}: tensor '{name}.scales' is {scales.dtype}; int4 scales are one "
-                             f"of {COMPUTE_DTYPES}")
-        if offsets.dtype != scales.dtype:
-            raise ValueError(f"{path}: tensor '{name}.offsets' is {offsets.dtype} but '{name}.scales' "
-                             f"is {scales.dtype}: a layer's scales and offsets share one dtype")
+    for name in swaps:  # the int4 format's rules for the other tensors of a layer
+        for part in ("scales", "offsets"):
+            t = loaded[f"{name}.{part}"]
+            if t.dtype not in COMPUTE_DTYPES:
+                raise ValueError(f"{path}: tensor '{name}.{part}' is {t.dtype}; int4 {part} are one "
+                                 f"of {COMPUTE_DTYPES}")
+        if f"{name}.perm" in loaded:
+            try:
+                loaded[f"{name}.perm"] = check_perm(loaded[f"{name}.perm"], swaps[name].in_features)
+            except ValueError as error:
+                raise ValueError(f"{path}: tensor '{name}.perm': {error}") from None
 
     # Everything checked: now change the model.
     for name, module in swaps.items():

@@ -109,7 +109,7 @@ def quantize_cmd(args) -> None:
 
 def _check_kept_int4(model, args, source) -> None:
     """A usage error if --group-size or --symmetric was given and the source already has int4
-    layers (a GGUF's Q4_0 / Q4_1, a quantized checkpoint's) that the flags select but that do
+    layers (a GGUF's Q4_0 / Q4_1 / Q4_K, a quantized checkpoint's) that the flags select but that do
     not have that group size or symmetry. They are never quantized again: dequantizing and
     rounding a second time loses accuracy the source's own int4 weights do not have, so the
     command refuses rather than write something other than what was asked. Without the flags,

@@ -2,31 +2,45 @@
 
 A weight matrix W [N, K] (N output features, K input features) is stored as
 
-    w[n, k] = q[n, k] * s[n, g] + m[n, g],      g = k // group_size
+    w[n, perm[k]] = q[n, k] * s[n, g] + m[n, g],      g = k // group_size
 
 - q is an unsigned 4-bit integer in [0, 15].
-- s (scale) and m (offset) are kept per group of ``group_size`` consecutive input
-  channels of one output row, in the compute dtype (fp32, bf16 or fp16). Dequantizing
-  is one fused multiply-add per weight.
+- s (scale) and m (offset) are kept per group of ``group_size`` consecutive (stored) input
+  channels of one output row, each in fp32, bf16 or fp16 (not necessarily the same one).
+  Dequantizing is one fused multiply-add per weight, computed in fp32.
 - Symmetric mode is the special case m = -8 * s (q - 8 is a signed int4 in [-8, 7]).
-  GPTQ/AWQ integer zero points z map to m = -z * s; llama.cpp Q4_1 (d, m) maps exactly
-  (s = d); Q4_0 maps to m = -8 * d.
+  llama.cpp Q4_1 (d, m) maps exactly (s = d); Q4_0 maps to m = -8 * d.
+- Lossless imports. An upstream format's weight is reproduced exactly, in fp32, by keeping
+  s in its own dtype and m in fp32 where the 16-bit dtype cannot hold it: GPTQ/AWQ/
+  compressed-tensors integer zero points z give m = -z * s (an fp16 s times a 4-bit z is
+  exact in fp32, rarely in fp16); GGUF Q4_K's d * sc and dmin * min products need fp32 s and
+  m; HQQ's float zero gives m = -z * s, exact in fp32. q * s is exact in fp32 in every case,
+  so q * s + m rounds once, as the upstream dequantization does.
+- perm (optional, int32 [K]): act-order (GPTQ desc_act, compressed-tensors actorder). The
+  stored column k holds input channel perm[k], so that the channels of one group are
+  contiguous; the layer gathers x[..., perm] before the product. None means the identity.
 - group_size is one of 32, 64, 128, 256, or -1 for one group per output row.
 
 Canonical packing (what checkpoints always hold):
 
 - qweight: int32 [N, K_padded // 8]; nibble i (bits 4i..4i+3) of word j holds the q of
-  column 8j + i. The int32 is a container: bit 31 belongs to nibble 7 of the word.
-- scales, offsets: [N, num_groups] in the compute dtype, num_groups = K_padded // group_size
-  (1 when group_size == -1).
+  (stored) column 8j + i. The int32 is a container: bit 31 belongs to nibble 7 of the word.
+- scales, offsets: [N, num_groups], num_groups = K_padded // group_size (1 when
+  group_size == -1).
 - K_padded rounds K up to a multiple of the group size (to a multiple of 8 when
   group_size == -1). Padded columns hold q = 0 and are never read: they lie past the K
   columns of any activation, so the padding never changes a result.
 
 A backend may keep its own prepacked layout, made once at load time, as long as it
-converts to and from this one exactly.
+converts to and from this one exactly. (The CUDA tensor-core kernel dequantizes in x's
+16-bit dtype, so there s and m are rounded to it first: the weight it computes with is
+the exact one rounded to 16 bits, plus at most one more rounding of m.)
 
-Bytes per weight at group_size 128 with fp16 s and m: 0.5 + 2 * 2 / 128 = 0.531.
+Format versions: 1 (scales and offsets share a dtype, no perm); 2 (this). Version 1
+checkpoints are version 2 checkpoints.
+
+Bytes per weight at group_size 128 with fp16 s and m: 0.5 + 2 * 2 / 128 = 0.531 (0.547
+with fp32 offsets).
 """
 
 from __future__ import annotations
@@ -38,7 +52,8 @@ import torch
 from . import _checks
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _NIBBLES = 8  # 4-bit values per int32 word
@@ -75,14 +90,15 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"pack_int4 expects q to be an integer tensor, got {q.dtype}")
     if q.dim() != 2 or q.shape[1] % _NIBBLES:
         raise ValueError(f"pack_int4 expects q as [N, K] with K a multiple of 8, got {tuple(q.shape)}")
-    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
-        raise ValueError("pack_int4: the values of q must lie in [0, 15]")
+    if q.numel():
+        low, high = torch.aminmax(q)
+        if int(low) < 0 or int(high) > 15:
+            raise ValueError("pack_int4: the values of q must lie in [0, 15]")
+    assert sys.byteorder == "little", "fourbit's packing helpers assume a little-endian host"
     n, k = q.shape
-    nibbles = q.to(torch.int64).reshape(n, k // _NIBBLES, _NIBBLES)
-    shifts = torch.arange(0, 4 * _NIBBLES, 4, device=q.device, dtype=torch.int64)
-    words = (nibbles << shifts).sum(dim=-1)  # in [0, 2**32): no carries between nibbles
-    # Reinterpret as int32 (two's complement) without overflow checks.
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    # Byte t of the little-endian words holds columns 2t (low nibble) and 2t + 1 (high).
+    pairs = q.to(torch.uint8).reshape(n, k // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous().view(torch.int32)
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -103,15 +119,31 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_len: int,
-               k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w = q * s + m, computed in fp32, returned as dtype [N, k] (padding dropped).
+               k: int, dtype: torch.dtype = torch.float32, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """w = q * s + m, computed in fp32, returned as dtype [N, k] (padding dropped), its
+    columns in input-channel order (stored column j is channel perm[j]).
 
     group_len is the number of input channels per group (K_padded for one group per row).
     """
     n = qweight.shape[0]
     q = unpack_int4(qweight).view(n, -1, group_len).to(torch.float32)
     w = torch.addcmul(offsets.to(torch.float32).unsqueeze(-1), q, scales.to(torch.float32).unsqueeze(-1))
-    return w.view(n, -1)[:, :k].to(dtype)
+    w = w.view(n, -1)[:, :k]
+    if perm is not None:
+        w = torch.empty_like(w).index_copy_(1, perm.to(device=w.device, dtype=torch.int64), w)
+    return w.to(dtype)
+
+
+def check_perm(perm: torch.Tensor, k: int) -> torch.Tensor:
+    """perm as int32 [k] after checking that it is a permutation of range(k) (one host read:
+    done once, when a weight is made or loaded)."""
+    _checks.tensor("perm", perm)
+    if perm.dtype not in (torch.int32, torch.int64) or tuple(perm.shape) != (k,):
+        raise ValueError(f"perm must be an int32 or int64 permutation of the K = {k} input channels, got "
+                         f"{perm.dtype} {tuple(perm.shape)}")
+    if not torch.equal(torch.sort(perm.to(torch.int64)).values, torch.arange(k, device=perm.device)):
+        raise ValueError(f"perm must hold each of the K = {k} input channels exactly once")
+    return perm.to(torch.int32)
 
 
 class Int4Weight:
@@ -119,17 +151,20 @@ class Int4Weight:
 
     Attributes:
         qweight: int32 [N, K_padded // 8], canonical nibble order.
-        scales:  [N, num_groups] in the compute dtype.
-        offsets: [N, num_groups], same dtype as scales (m = -8 s when symmetric).
+        scales:  [N, num_groups], fp32, bf16 or fp16.
+        offsets: [N, num_groups], fp32, bf16 or fp16 (m = -8 s when symmetric; fp32 where an
+            import needs it to be exact).
         group_size: 32, 64, 128, 256 or -1 (one group per output row).
         symmetric: True when every offset is -8 * scale.
         shape: (N, K) of the original, unpadded matrix.
+        perm: None, or int32 [K]: stored column k is input channel perm[k] (act-order).
     """
 
-    __slots__ = ("qweight", "scales", "offsets", "group_size", "symmetric", "shape")
+    __slots__ = ("qweight", "scales", "offsets", "group_size", "symmetric", "shape", "perm")
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                 group_size: int, shape: tuple[int, int], symmetric: bool = False):
+                 group_size: int, shape: tuple[int, int], symmetric: bool = False,
+                 perm: torch.Tensor | None = None):
         check_group_size(group_size)
         for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
             _checks.tensor(name, t)
@@ -149,12 +184,13 @@ class Int4Weight:
                 raise TypeError(f"{name} must be one of {COMPUTE_DTYPES}, got {t.dtype}")
             if tuple(t.shape) != (n, groups):
                 raise ValueError(f"{name} must be [N, num_groups] = {(n, groups)}, got {tuple(t.shape)}")
-        if scales.dtype != offsets.dtype:
-            raise TypeError(f"scales ({scales.dtype}) and offsets ({offsets.dtype}) must share a dtype")
-        if not (qweight.device == scales.device == offsets.device):
-            raise ValueError(f"qweight, scales and offsets must be on one device, got "
-                             f"{qweight.device}, {scales.device}, {offsets.device}")
-        self.qweight, self.scales, self.offsets = qweight, scales, offsets
+        if perm is not None:
+            perm = check_perm(perm, k)
+        devices = {t.device for t in (qweight, scales, offsets) + ((perm,) if perm is not None else ())}
+        if len(devices) > 1:
+            raise ValueError(f"qweight, scales, offsets and perm must be on one device, got "
+                             f"{sorted(map(str, devices))}")
+        self.qweight, self.scales, self.offsets, self.perm = qweight, scales, offsets, perm
         self.group_size, self.symmetric, self.shape = group_size, bool(symmetric), (n, k)
 
     @property
@@ -163,7 +199,7 @@ class Int4Weight:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype the scales and offsets are stored in."""
+        """The dtype the scales are stored in (the offsets may be fp32 where that is exact)."""
         return self.scales.dtype
 
     @property
@@ -172,37 +208,64 @@ class Int4Weight:
         return group_len(self.shape[1], self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float matrix [N, K] this weight stands for, computed in fp32."""
-        return dequantize(self.qweight, self.scales, self.offsets, self.group_len, self.shape[1], dtype)
+        """The float matrix [N, K] this weight stands for (input channels in their own
+        order), computed in fp32."""
+        return dequantize(self.qweight, self.scales, self.offsets, self.group_len, self.shape[1], dtype, self.perm)
 
     def to(self, device) -> Int4Weight:
         return Int4Weight(self.qweight.to(device), self.scales.to(device), self.offsets.to(device),
-                          self.group_size, self.shape, self.symmetric)
+                          self.group_size, self.shape, self.symmetric,
+                          None if self.perm is None else self.perm.to(device))
 
     def __repr__(self) -> str:
         n, k = self.shape
+        offsets = "" if self.offsets.dtype == self.scales.dtype else f", offsets={self.offsets.dtype}"
+        act_order = "" if self.perm is None else ", act_order=True"
         return (f"Int4Weight(shape=({n}, {k}), group_size={self.group_size}, symmetric={self.symmetric}, "
-                f"dtype={self.dtype}, device={self.device})")
+                f"dtype={self.dtype}{offsets}{act_order}, device={self.device})")
+
+
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def concat_rows(weights: list[Int4Weight]) -> Int4Weight:
     """Stack int4 weights along N (fused projections such as qkv): exact, since every row
-    carries its own words, scales and offsets. All must share K, group size and dtype."""
+    carries its own words, scales and offsets. All must share K, group size, dtypes, device
+    and perm (can_concat_rows says whether they do)."""
     first = weights[0]
     for w in weights[1:]:
-        key = lambda v: (v.shape[1], v.group_size, v.dtype, v.device)  # noqa: E731
-        if key(w) != key(first):
-            raise ValueError(f"cannot concatenate {w} with {first}: K, group size, dtype and device must match")
+        if not can_concat_rows(first, w):
+            raise ValueError(f"cannot concatenate {w} with {first}: K, group size, dtypes, device and act-order "
+                             f"permutation must match")
     cat = lambda name: torch.cat([getattr(w, name) for w in weights])
     return Int4Weight(cat("qweight"), cat("scales"), cat("offsets"), first.group_size,
-                      (sum(w.shape[0] for w in weights), first.shape[1]), all(w.symmetric for w in weights))
+                      (sum(w.shape[0] for w in weights), first.shape[1]), all(w.symmetric for w in weights),
+                      first.perm)
+
+
+def can_concat_rows(a: Int4Weight, b: Int4Weight) -> bool:
+    """Whether two int4 weights stack along N into one without changing either."""
+    key = lambda v: (v.shape[1], v.group_size, v.scales.dtype, v.offsets.dtype, v.device)  # noqa: E731
+    return key(a) == key(b) and _same_perm(a.perm, b.perm)
+
+
+def with_common_dtypes(weights: list[Int4Weight]) -> list[Int4Weight]:
+    """The weights with their scales (and, separately, offsets) in one dtype: where they
+    differ, float32, which holds every fp16 and bf16 value exactly."""
+    def common(name):
+        dtypes = {getattr(w, name).dtype for w in weights}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+    s_dtype, m_dtype = common("scales"), common("offsets")
+    return [Int4Weight(w.qweight, w.scales.to(s_dtype), w.offsets.to(m_dtype), w.group_size, w.shape, w.symmetric,
+                       w.perm) for w in weights]
 
 
 def select_rows(weight: Int4Weight, index: torch.Tensor) -> Int4Weight:
     """The rows weight[index] (a permutation or subset of output features), exactly."""
     index = index.to(weight.device)
     return Int4Weight(weight.qweight[index], weight.scales[index], weight.offsets[index], weight.group_size,
-                      (len(index), weight.shape[1]), weight.symmetric)
+                      (len(index), weight.shape[1]), weight.symmetric, weight.perm)
 
 
 # ---- The CUDA kernel's prepacked layout (csrc/include/fourbit/int4_mma.cuh) ----
@@ -256,7 +319,7 @@ def unpack_mma(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def prepack_mma_weight(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                        k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A canonical weight of K = k columns in the CUDA kernel's layout: (packed int32
-    [N_pad / 16, K_pad / 64 * 128], scales and offsets transposed to [groups, N], same dtype)."""
+    [N_pad / 16, K_pad / 64 * 128], scales and offsets transposed to [groups, N], dtypes kept)."""
     return prepack_mma(qweight, k), scales.t().contiguous(), offsets.t().contiguous()
 
 

@@ -28,8 +28,11 @@ class Int4Linear(nn.Module):
     Buffers, in the layout of the backend that runs the layer (`layout`):
         "canonical" (backends torch, cpu, triton, and "auto"), what Int4Weight holds:
             qweight: int32 [out_features, K_padded / 8]
-            scales:  [out_features, num_groups] in the compute dtype
-            offsets: [out_features, num_groups], same dtype (-8 * scales when symmetric)
+            scales:  [out_features, num_groups], fp32, bf16 or fp16
+            offsets: [out_features, num_groups], fp32, bf16 or fp16 (-8 * scales when
+                symmetric; fp32 where an import needs it to be exact, see format.py)
+            perm:    int32 [in_features] with act_order (x[..., perm] is what the stored
+                columns multiply), else None
         "mma" (backend "cuda" on a CUDA device), the CUDA kernel's own (format.prepack_mma_weight):
             qweight: int32 [N_pad / 16, K_pad / 64 * 128]; scales, offsets: [num_groups, out_features]
     The layer converts once, when its weights are loaded, it is moved, or its backend is
@@ -43,13 +46,14 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  symmetric: bool = False, dtype: torch.dtype | None = None, device=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", act_order: bool = False):
         super().__init__()
         check_group_size(group_size)
         in_features = _checks.positive_int("in_features", in_features)
         out_features = _checks.positive_int("out_features", out_features)
         _checks.boolean("bias", bias)
         _checks.boolean("symmetric", symmetric)
+        _checks.boolean("act_order", act_order)
         dtype = dtype or torch.get_default_dtype()
         if dtype not in COMPUTE_DTYPES:
             raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
@@ -61,6 +65,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, k_pad // 8, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("offsets", torch.zeros(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device) if act_order else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self.backend = backend
@@ -146,6 +151,7 @@ class Int4Linear(nn.Module):
                              f"{self.out_features}, group_size={self.group_size})")
         self.layout = "canonical"
         self.qweight, self.scales, self.offsets = weight.qweight, weight.scales, weight.offsets
+        self.perm = weight.perm
         self.symmetric = weight.symmetric
         if self.bias is not None:
             if bias is None:
@@ -158,22 +164,31 @@ class Int4Linear(nn.Module):
         """The weight in the canonical layout (converted if the buffers hold another)."""
         qweight, scales, offsets = self._canonical()
         return Int4Weight(qweight, scales, offsets, self.group_size, (self.out_features, self.in_features),
-                          self.symmetric)
+                          self.symmetric, self.perm)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype of the scales and offsets."""
+        """The dtype of the scales (the offsets may be fp32 where that is exact)."""
         return self.scales.dtype
+
+    @property
+    def act_order(self) -> bool:
+        """Whether the stored input channels are permuted (perm)."""
+        return self.perm is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_activation(x, self.in_features, self.qweight.device)
+        if self.perm is not None:  # act-order: the stored columns multiply x[..., perm]
+            x = x.index_select(-1, self.perm)
         return linear(x, self.qweight, self.scales, self.offsets, self.out_features,
                       group_len(self.in_features, self.group_size), self.bias, self._backend, self.layout)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}, "
-                f"symmetric={self.symmetric}, dtype={self.scales.dtype}, backend={self.backend!r}")
+                f"symmetric={self.symmetric}, dtype={self.scales.dtype}, backend={self.backend!r}"
+                + (f", offsets={self.offsets.dtype}" if self.offsets.dtype != self.scales.dtype else "")
+                + (", act_order=True" if self.perm is not None else ""))
 
 
 class PagedAttention(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_quantized, save_quantized, write_text_atomic
-from ..format import COMPUTE_DTYPES, Int4Weight, concat_rows
+from ..format import COMPUTE_DTYPES, Int4Weight, can_concat_rows, concat_rows, with_common_dtypes
 from ..nn import Int4Linear
 from ..quantize import Int4WeightOnlyConfig, as_config, quantize_weight
 from .gguf import GGUFCheckpoint
@@ -56,12 +56,14 @@ def resolve_source(source) -> Path:
 
 def _fuse(parts: list):
     """The parts of a tensor stacked along N (fused projections): int4 stays int4 when every
-    part is int4 with one group size and dtype; otherwise everything becomes float."""
+    part is int4 with one group size and act-order permutation (scales and offsets of other
+    dtypes are widened to fp32, exactly); otherwise everything becomes float, exactly."""
     if len(parts) == 1:
         return parts[0]
-    if all(isinstance(p, Int4Weight) for p in parts) and \
-            len({(p.group_size, p.dtype) for p in parts}) == 1:
-        return concat_rows(parts)
+    if all(isinstance(p, Int4Weight) for p in parts):
+        parts_ = with_common_dtypes(parts)
+        if all(can_concat_rows(parts_[0], p) for p in parts_[1:]):
+            return concat_rows(parts_)
     return torch.cat([p.dequantize() if isinstance(p, Int4Weight) else p.float() for p in parts])
 
 
@@ -204,7 +206,7 @@ def load_model(source, device=None, dtype: torch.dtype | None = None,
             `fourbit quantize` / save_model; or "smollm2-135m", the embedded default.
         device: where the model goes; default CUDA when available, else the CPU.
         dtype: activation and float-weight dtype; default float32 on the CPU, float16 on CUDA.
-        quantize: None keeps the checkpoint's own form (GGUF Q4_0 / Q4_1 layers load as
+        quantize: None keeps the checkpoint's own form (GGUF Q4_0 / Q4_1 / Q4_K layers load as
             Int4Linear with no loss, float layers stay float); an Int4WeightOnlyConfig (or a
             dict of its fields, such as dict(group_size=128)) also quantizes the float linear
             layers it selects (skip, filter) while loading, and every Int4Linear the loader

@@ -132,8 +132,8 @@ def _jobs():
                     attention_shared_bytes(bg, bn, st, head_dim, size), f"D{head_dim} {bg}x{bn} w{w} s{st}", ptrs,
                     ("scale",))
                 add("decode_merge", pa.paged_decode_merge_kernel, device, dtype,
-                    {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": 64}, 4, 3, None, f"D{head_dim} S64",
-                    {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": t})
+                    {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": 64, "BLOCK_N": bn}, 4, 3, None,
+                    f"D{head_dim} S64", {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": t, "sl_ptr": "*i32"})
     return jobs
 
 

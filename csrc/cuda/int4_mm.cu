@@ -55,7 +55,8 @@ at::Tensor int4_mm_cuda(const at::Tensor& x, const at::Tensor& packed, const at:
   const int64_t groups = scales.size(0);
   int group_shift = -1;
   if (groups > 1) {
-    TORCH_CHECK(group_len >= 32 && (group_len & (group_len - 1)) == 0,
+    // The kernel stages at most two groups per 64-channel chunk (kMmaMinGroupLen, int4_mma.cuh).
+    TORCH_CHECK(group_len >= cuda::kMmaMinGroupLen && (group_len & (group_len - 1)) == 0,
                 "int4_mm_cuda: group_len must be a power of two >= 32 when there are several groups, got ", group_len);
     while ((int64_t{1} << (group_shift + 1)) <= group_len) ++group_shift;
     TORCH_CHECK((k + group_len - 1) / group_len <= groups, "int4_mm_cuda: ", groups, " groups of ", group_len,

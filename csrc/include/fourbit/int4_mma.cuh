@@ -12,7 +12,10 @@
 // - The prepacked layout gives every lane its four A tiles of a 64-column chunk in one
 //   16-byte word group; a warp's 32 lanes read 512 contiguous bytes. cp.async moves them to
 //   shared memory STAGES chunks ahead (no registers held while loads are in flight), along
-//   with the matching x chunk (zero-filled past M and K).
+//   with the matching x chunk (zero-filled past M and K) and the scales and offsets of the
+//   groups that chunk touches: the main loop issues no global load of its own, so no warp
+//   ever waits on one (a plain load at each group change used to stall the warp for a DRAM
+//   or L2 round trip: most of its time at group size 128).
 // - int4 -> half in registers: lop3 puts two nibbles into the mantissas of two halves whose
 //   exponent makes them 1024 + q (fp16) or 128 + q (bf16), exactly; one subtraction gives q,
 //   one fused multiply-add q * s + m the weight, rounded once to the activation dtype.
@@ -35,6 +38,20 @@ constexpr int kMmaBlockN = 16 * kMmaWarps;      // = MMA_TILE_N of format.py
 constexpr int kMmaChunkK = 64;                  // = MMA_TILE_K: input channels per pipeline stage
 constexpr int kMmaStages = 4;
 constexpr int kXStride = kMmaChunkK + 8;        // halves per shared row of x: +16 bytes avoids bank conflicts
+// Scales and offsets in shared memory, per stage: the [groups the chunk touches, the block's
+// 64 columns] slice of the transposed [groups, N] tables, one contiguous 128-byte row segment
+// per group. Groups are at least kMmaMinGroupLen wide (the launcher checks it whenever there
+// are several) and chunks start at multiples of 64, so a chunk touches one group, or two
+// when group_len is 32 (tiles 0, 1 in the first, 2, 3 in the second).
+constexpr int kMmaMinGroupLen = 32;
+constexpr int kGroupRows = kMmaChunkK / kMmaMinGroupLen;
+static_assert(kGroupRows == 2, "the main loop reloads scales at tile 2 only: one or two groups per chunk");
+// A row segment starts wherever group * N + n0 puts it (N is any size, so only 2-byte aligned)
+// but cp.async moves aligned 16-byte pieces: each row is copied from the 16-byte boundary at or
+// below its start, 9 pieces (72 halves) covering the 64 columns at any of the 8 possible
+// element offsets ("lead", 0..7), and read at index lead + column (at most 7 + 63 < 72).
+constexpr int kGroupStride = kMmaBlockN + 8;    // halves per shared row of scales or offsets
+constexpr int kGroupPieces = kGroupStride * 2 / 16;
 
 struct Int4MmaParams {
   const void* x;                 // [M, K] fp16 | bf16, row stride K (K a multiple of 8, 16-byte aligned)
@@ -144,9 +161,18 @@ __global__ void __launch_bounds__(kMmaThreads) int4_mma_kernel(const Int4MmaPara
   using Ty = MmaType<T>;
   using T2 = typename Ty::T2;
   constexpr int kRowsX = 8 * kMTiles;
+  constexpr int kXPieces = kRowsX * kMmaChunkK * 2 / 16;  // 16-byte pieces of one x chunk
+  // Static shared memory, at kMTiles = 8: 8 KB of weights, 36 KB of x, 2.25 KB of scales and
+  // offsets (46.3 KB): under the 48 KB static limit (so the launcher sets no attribute), and
+  // two blocks fit a 99 KB SM (sm_86/89/120).
   __shared__ __align__(16) uint32_t w_smem[kMmaStages][kMmaWarps][32 * 4];
   __shared__ __align__(16) uint16_t x_bits[kMmaStages][kRowsX * kXStride];  // T's bits (no constructors in shared)
+  // [stage][0: scales, 1: offsets][group row of the chunk][lead + column of the block]
+  __shared__ __align__(16) uint16_t group_bits[kMmaStages][2][kGroupRows][kGroupStride];
+  static_assert(sizeof(w_smem) + sizeof(x_bits) + sizeof(group_bits) + 16 <= 48 * 1024, "static shared memory");
   T(*x_smem)[kRowsX * kXStride] = reinterpret_cast<T(*)[kRowsX * kXStride]>(x_bits);
+  const T(*group_smem)[2][kGroupRows][kGroupStride] =
+      reinterpret_cast<const T(*)[2][kGroupRows][kGroupStride]>(group_bits);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -156,19 +182,51 @@ __global__ void __launch_bounds__(kMmaThreads) int4_mma_kernel(const Int4MmaPara
   const int chunk_end = static_cast<int>(static_cast<int64_t>(p.k_chunks) * (split + 1) / p.split_k);
   const int chunks = chunk_end - chunk_begin;
   const int n16 = n_block * kMmaWarps + warp;                       // this warp's 16 features
+  const int n0 = n_block * kMmaBlockN;                              // the block's first feature
+  const int n_valid = min(kMmaBlockN, p.n - n0);                    // >= 1, as n_pad - n < 64
   const T* x = static_cast<const T*>(p.x);
   const int32_t* w_warp = p.packed + static_cast<int64_t>(n16) * p.k_chunks * 128;
+  // The groups of a chunk: its first, and the next one too when groups are narrower than a
+  // chunk (group_len 32: the launcher allows no narrower). One group per row: group 0.
+  const bool two_groups = p.group_shift >= 0 && (1 << p.group_shift) < kMmaChunkK;
+  auto first_group = [&](int chunk) { return p.group_shift < 0 ? 0 : (chunk * kMmaChunkK) >> p.group_shift; };
 
   auto load_stage = [&](int stage, int chunk) {
     // Weights: each lane its own 16 bytes of this warp's 512.
     cp_async16(&w_smem[stage][warp][lane * 4], w_warp + static_cast<int64_t>(chunk) * 128 + lane * 4, 16);
     // x: kRowsX rows x 8 pieces of 16 bytes; zeros past M and past K (K is a multiple of 8).
+    // A loop of known trip count (the stride is the block size) unrolls without remainders.
     const int k0 = chunk * kMmaChunkK;
-    for (int i = threadIdx.x; i < kRowsX * 8; i += kMmaThreads) {
-      const int row = i / 8, col = (i % 8) * 8;
-      const bool valid = row < p.m && k0 + col < p.k;
-      const T* src = valid ? x + static_cast<int64_t>(row) * p.k + k0 + col : x;
-      cp_async16(&x_smem[stage][row * kXStride + col], src, valid ? 16 : 0);
+#pragma unroll
+    for (int it = 0; it < (kXPieces + kMmaThreads - 1) / kMmaThreads; ++it) {
+      const int i = threadIdx.x + it * kMmaThreads;
+      if (kXPieces % kMmaThreads == 0 || i < kXPieces) {
+        const int row = i / 8, col = (i % 8) * 8;
+        const bool valid = row < p.m && k0 + col < p.k;
+        const T* src = valid ? x + static_cast<int64_t>(row) * p.k + k0 + col : x;
+        cp_async16(&x_smem[stage][row * kXStride + col], src, valid ? 16 : 0);
+      }
+    }
+    // Scales and offsets: per group row and table, kGroupPieces aligned pieces from the 16-byte
+    // boundary at or below the segment's start (T is 2 bytes and torch aligns it to 2, so the
+    // lead is even). Bytes of a piece past the segment's n_valid columns (features past N) are
+    // zero-filled, unread; so are whole rows of groups past the last one: their channels lie at
+    // or past groups * group_len >= K, where x is zero-filled and q is zero, so zero scales and
+    // offsets give the same zero product the last group's did, without a read. The only bytes
+    // read outside the segment are the lead bytes before its start, in the same 16-byte line,
+    // hence the same allocation (the previous group's row, or bytes before a data pointer that
+    // is not 16-byte aligned). Threads are taken from the top down: at kMTiles = 1 the bottom
+    // half copies x.
+    const int i = kMmaThreads - 1 - threadIdx.x;
+    if (i < (two_groups ? 2 : 1) * 2 * kGroupPieces) {
+      const int row = i / (2 * kGroupPieces), table = i / kGroupPieces % 2, piece = i % kGroupPieces;
+      const int group = first_group(chunk) + row;
+      const uintptr_t base = reinterpret_cast<uintptr_t>(table == 0 ? p.scales : p.offsets);
+      const uintptr_t begin = base + 2 * (static_cast<int64_t>(group) * p.n + n0);  // bytes; T is 2 bytes
+      const int lead = static_cast<int>(begin & 15);                  // bytes before the segment
+      const int bytes = group < p.groups ? max(0, min(16, lead + 2 * n_valid - 16 * piece)) : 0;
+      const uintptr_t src = bytes > 0 ? (begin & ~uintptr_t{15}) + 16 * piece : base & ~uintptr_t{15};
+      cp_async16(&group_bits[stage][table][row][piece * 8], reinterpret_cast<const void*>(src), bytes);
     }
   };
 
@@ -183,11 +241,13 @@ __global__ void __launch_bounds__(kMmaThreads) int4_mma_kernel(const Int4MmaPara
     cp_async_commit();  // every thread commits every time, so the group counts agree
   }
 
-  const T* scales = static_cast<const T*>(p.scales);
-  const T* offsets = static_cast<const T*>(p.offsets);
   const int row_lo = n16 * 16 + g, row_hi = row_lo + 8;          // this lane's two features
-  int cur_group = -1;
-  T2 s_lo, m_lo, s_hi, m_hi;
+  const int col_lo = row_lo - n0;                                 // ...as columns of the block
+  // Where a group's segment starts in its shared copy: the element offset of its first column
+  // within its 16-byte line, (element address) mod 8 per table, the copy's `lead` / 2. 32-bit
+  // arithmetic: wrapping keeps the low bits.
+  const uint32_t lead_scales = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p.scales) >> 1) + n0;
+  const uint32_t lead_offsets = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p.offsets) >> 1) + n0;
 
   for (int c = 0; c < chunks; ++c) {
     cp_async_wait<kMmaStages - 2>();  // chunk c has landed (for this thread)...
@@ -198,19 +258,19 @@ __global__ void __launch_bounds__(kMmaThreads) int4_mma_kernel(const Int4MmaPara
     const int stage = c % kMmaStages;
     const uint4 words = *reinterpret_cast<const uint4*>(&w_smem[stage][warp][lane * 4]);
     const uint32_t word[4] = {words.x, words.y, words.z, words.w};
-    const int k_chunk = (chunk_begin + c) * kMmaChunkK;
+    const int group0 = first_group(chunk_begin + c);
+    T2 s_lo, m_lo, s_hi, m_hi;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      // The group of these 16 input channels (groups are >= 32 wide: one per tile). Columns
-      // past the canonical K_pad (zero weights, zero x) take the last group.
-      const int k = k_chunk + 16 * j;
-      const int group = p.group_shift < 0 ? 0 : min(k >> p.group_shift, p.groups - 1);
-      if (group != cur_group) {  // uniform across the warp
-        cur_group = group;
-        const int64_t base = static_cast<int64_t>(group) * p.n;
-        const T zero = Ty::from_float(0.f);
-        const T s0 = row_lo < p.n ? scales[base + row_lo] : zero, m0 = row_lo < p.n ? offsets[base + row_lo] : zero;
-        const T s1 = row_hi < p.n ? scales[base + row_hi] : zero, m1 = row_hi < p.n ? offsets[base + row_hi] : zero;
+      // The scales and offsets of these 16 input channels, from this stage's copy: tiles 0, 1
+      // in the chunk's first group, tiles 2, 3 in its second when groups are 32 wide (a
+      // uniform branch), else in the first as well.
+      if (j == 0 || (j == 2 && two_groups)) {
+        const int row = j / 2;
+        const uint32_t offset = static_cast<uint32_t>(group0 + row) * static_cast<uint32_t>(p.n);
+        const int ls = static_cast<int>((lead_scales + offset) & 7), lo = static_cast<int>((lead_offsets + offset) & 7);
+        const T s0 = group_smem[stage][0][row][ls + col_lo], s1 = group_smem[stage][0][row][ls + col_lo + 8];
+        const T m0 = group_smem[stage][1][row][lo + col_lo], m1 = group_smem[stage][1][row][lo + col_lo + 8];
         s_lo = Ty::pair(s0, s0);
         m_lo = Ty::pair(m0, m0);
         s_hi = Ty::pair(s1, s1);

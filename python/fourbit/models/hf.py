@@ -1,13 +1,19 @@
-"""Read Hugging Face model directories: config.json and safetensors (sharded or not)."""
+"""Read Hugging Face model directories: config.json and safetensors (sharded or not), float
+or int4 (GPTQ, AWQ, compressed-tensors, AutoRound: the config's quantization_config says which,
+and formats/ converts each quantized linear layer into an Int4Weight exactly)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
+from . import formats
 from .llama import LlamaConfig
+
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def is_fourbit_checkpoint(directory: Path) -> bool:
@@ -26,13 +32,17 @@ def read_config(directory: Path) -> LlamaConfig:
     return LlamaConfig.from_hf(path)  # errors name the file
 
 
-class HFCheckpoint:
+class HFCheckpoint(formats.Tensors):
     """A Hugging Face directory as a LlamaConfig and the tensors of models/llama.py's roles,
-    each read when asked for from the memory-mapped files."""
+    each read when asked for from the memory-mapped files. In an int4 checkpoint a quantized
+    linear layer's role reads as an Int4Weight, converted when asked for (one layer at a time)."""
 
     def __init__(self, directory):
         self.directory = Path(directory)
         self.config = read_config(self.directory)
+        config_path = self.directory / "config.json"
+        self.format = formats.detect(json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config"),
+                                     str(config_path))
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -46,9 +56,16 @@ class HFCheckpoint:
             raise ValueError(f"{self.directory} holds no safetensors weights")
         self._open = {}
 
-    def _get(self, name: str):
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def get(self, name: str) -> torch.Tensor:
         if name not in self._files:
-            raise ValueError(f"{self.directory} has no tensor {name!r}")
+            prefix = name.rpartition(".")[0] + "."
+            others = sorted(n for n in self._files if n.startswith(prefix))
+            hint = f" (it has {', '.join(others)}" + (f"; the {self.format.description} quantization_config "
+                                                      f"decides which a layer has)" if self.format else ")")
+            raise ValueError(f"{self.directory} has no tensor {name!r}" + (hint if others else ""))
         file = self._files[name]
         if file not in self._open:
             self._open[file] = safe_open(str(file), framework="pt")
@@ -60,13 +77,49 @@ class HFCheckpoint:
                     **{f"{p}_bias": f"self_attn.{p}_proj.bias" for p in "qkv"}}
     _MODEL_NAMES = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 
-    def tensor_name(self, role: str, layer: int | None = None) -> str:
-        """The file's name of the tensor of `role` in layer `layer` (None: the model's ends)."""
+    def _float_name(self, role: str, layer: int | None) -> str:
         return self._MODEL_NAMES[role] if layer is None else f"model.layers.{layer}.{self._LAYER_NAMES[role]}"
 
+    def _quantized_layer(self, role: str, layer: int | None) -> str | None:
+        """The module name of a linear role the checkpoint quantizes, else None."""
+        if self.format is None or (role not in LINEAR_ROLES and role != "lm_head"):
+            return None
+        module = self._float_name(role, layer).removesuffix(".weight")
+        return module if self.format.weight_name(module) is not None else None
+
+    def tensor_name(self, role: str, layer: int | None = None) -> str:
+        """The file's name of the tensor of `role` in layer `layer` (None: the model's ends):
+        for a quantized layer, its main packed tensor."""
+        module = self._quantized_layer(role, layer)
+        return self._float_name(role, layer) if module is None else self.format.weight_name(module)
+
+    def _shape(self, role: str) -> tuple[int, int]:
+        """(N, K) of a linear role's weight."""
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        return {"q": (q, c.hidden_size), "k": (kv, c.hidden_size), "v": (kv, c.hidden_size),
+                "o": (c.hidden_size, q), "gate": (c.intermediate_size, c.hidden_size),
+                "up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size),
+                "lm_head": (c.vocab_size, c.hidden_size)}[role]
+
+    def _read(self, role: str, layer: int | None):
+        module = self._quantized_layer(role, layer)
+        if module is None:
+            return self.get(self._float_name(role, layer))
+        weight = self.format.read(module, self._shape(role), self)
+        bias = f"{module}.bias"
+        if self.has(bias) and not (role in ("q", "k", "v") and self.config.attention_bias):
+            # Old GPTQ writers store a bias for every layer; one this model has no place for
+            # must be zero, or the checkpoint means another model.
+            if bool(self.get(bias).ne(0).any()):
+                raise ValueError(f"checkpoint tensor {bias!r} is not zero, but this model's {role} projection "
+                                 f"has no bias")
+        return weight
+
     def model_tensor(self, role: str):
-        """The tensor as stored (any dtype safetensors holds: the loader checks it)."""
-        return self._get(self.tensor_name(role))
+        """The tensor as stored (any dtype safetensors holds: the loader checks it), or the
+        Int4Weight of a quantized lm_head."""
+        return self._read(role, None)
 
     def layer_tensor(self, i: int, role: str):
-        return self._get(self.tensor_name(role, i))
+        return self._read(role, i)

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 
@@ -44,7 +45,6 @@ template <class T>
 void launch_decode(const PagedDecodeParams& p, int head_dim, int batch, int64_t smem_bytes, cudaStream_t stream) {
   const dim3 grid(p.splits, p.num_kv_heads, batch);
   const dim3 merge_grid(p.num_kv_heads * p.group, batch);
-  const int merge_threads = (head_dim + 31) / 32 * 32;
   auto run = [&](auto decode, auto merge) {
     if (smem_bytes > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(decode, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -52,7 +52,7 @@ void launch_decode(const PagedDecodeParams& p, int head_dim, int batch, int64_t 
     }
     decode<<<grid, cuda::kThreads, smem_bytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    merge<<<merge_grid, merge_threads, 0, stream>>>(p);
+    merge<<<merge_grid, cuda::kMergeThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (head_dim) {
@@ -66,13 +66,22 @@ void launch_decode(const PagedDecodeParams& p, int head_dim, int batch, int64_t 
   }
 }
 
-// Tokens per partition: the largest of 512, 256, 128, 64 that still gives the GPU two blocks
-// per SM, computed from the page table's capacity (host-known) rather than seq_lens.
-int choose_partition(int64_t batch, int64_t kv_heads, int64_t capacity, int group, int head_dim, int sms) {
+// Shared memory of the decode kernel in bytes (layout: cuda::decode_smem).
+int64_t decode_smem_bytes(int group, int head_dim, int elem_bytes, int partition, int block_size_log2) {
+  return cuda::decode_smem(group, head_dim, elem_bytes, partition, block_size_log2).total * 4;
+}
+
+// The most tokens a partition may hold: the largest of 512, 256, 128, 64 that still gives the
+// grid kTargetBlocksPerSm blocks per SM, computed from the page table's capacity (host-known)
+// rather than seq_lens; each block then cuts its own sequence on the device (decode_split).
+int choose_partition(int64_t batch, int64_t kv_heads, int64_t capacity, int group, int head_dim, int elem_bytes,
+                     int block_size_log2, int sms) {
   int partition = 512;
-  while (partition > 64 && batch * kv_heads * ((capacity + partition - 1) / partition) < 2 * sms) partition /= 2;
+  while (partition > 64 && batch * kv_heads * ((capacity + partition - 1) / partition) < cuda::kTargetBlocksPerSm * sms)
+    partition /= 2;
   // Keep the shared memory (q and the partition's logits) within what any SM80+ block can get.
-  while (partition > 64 && cuda::decode_smem_floats(group, head_dim, partition) * 4 > 96 * 1024) partition /= 2;
+  while (partition > 64 && decode_smem_bytes(group, head_dim, elem_bytes, partition, block_size_log2) > 96 * 1024)
+    partition /= 2;
   return partition;
 }
 
@@ -104,8 +113,15 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   if (batch == 0) return out;
   const int group = static_cast<int>(heads / kv_heads);
   const int sms = sm_count(q.get_device());
-  const int partition = choose_partition(batch, kv_heads, capacity, group, static_cast<int>(head_dim), sms);
+  const int elem_bytes = static_cast<int>(q.element_size());
+  const int block_size_log2 = log2_exact(k_cache.size(1));
+  const int partition =
+      choose_partition(batch, kv_heads, capacity, group, static_cast<int>(head_dim), elem_bytes, block_size_log2, sms);
   const int splits = static_cast<int>((capacity + partition - 1) / partition);
+  // Splits per sequence that give kTargetBlocksPerSm blocks per SM (decode_split's aim).
+  const int64_t sequence_heads = batch * kv_heads;
+  const int target_splits = static_cast<int>(std::min<int64_t>(
+      splits, std::max<int64_t>(1, (int64_t{cuda::kTargetBlocksPerSm} * sms + sequence_heads - 1) / sequence_heads)));
   auto partial_out = at::empty({batch, heads, splits, head_dim}, q.options().dtype(at::kFloat));
   auto partial_lse = at::empty({batch, heads, splits}, q.options().dtype(at::kFloat));
 
@@ -123,13 +139,14 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   p.block_tables_stride = block_tables.stride(0);
   p.num_blocks = static_cast<int>(k_cache.size(0));
   p.max_blocks = static_cast<int>(block_tables.size(1));
-  p.block_size_log2 = log2_exact(k_cache.size(1));
+  p.block_size_log2 = block_size_log2;
   p.num_kv_heads = static_cast<int>(kv_heads);
   p.group = group;
   p.partition = partition;
   p.splits = splits;
+  p.target_splits = target_splits;
   p.scale = static_cast<float>(scale);
-  const int64_t smem_bytes = cuda::decode_smem_floats(group, static_cast<int>(head_dim), partition) * 4;
+  const int64_t smem_bytes = decode_smem_bytes(group, static_cast<int>(head_dim), elem_bytes, partition, block_size_log2);
   TORCH_CHECK(smem_bytes <= 96 * 1024, "paged_attention_cuda: ", group, " query heads per kv head at head_dim ",
               head_dim, " need more shared memory than a block gets; use the triton backend");
 

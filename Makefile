@@ -23,13 +23,14 @@ LINT_PATHS := python kernels tests bench setup.py $(wildcard csrc/*.py)
 # Results go to $OUT when the device tool sets it, else to bench/results/.
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: demo test lint bench bench-slow bench-smoke cuda-check kernel-check gpu-check clean
+.PHONY: demo test lint bench bench-slow bench-smoke cuda-check kernel-check gpu-check clean \
+        peer-venv peer-fixtures peer-test
 
 demo: $(VENV)/.built
 	$(PY) -m fourbit demo
 
 test: $(VENV)/.built
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/peers
 
 # ruff check with pyproject.toml's [tool.ruff] rules; it reports, never fixes.
 lint: $(VENV)/.deps
@@ -108,6 +109,39 @@ gpu-check:
 	-timeout 200 $(PYTHON) bench/run.py --out $(RESULTS)
 	@echo "== summary =="; tail -n 3 $(RESULTS)/gpu-tests.log; tail -n 3 $(RESULTS)/gpu-sanitizer.log; \
 	  $(PYTHON) bench/report.py $(RESULTS)/*.json 2>/dev/null | head -n 40
+
+# ---- peer checks (tests/peers/) ----
+# The real tools write int4 checkpoints and say what they mean; fourbit must read them exactly.
+# peer-venv: GPTQModel, llm-compressor (compressed-tensors), transformers and optimum in
+# their own venv, pinned by tests/peers/{requirements,constraints}.txt, on the CPU torch (no
+# CUDA torch, no nvidia-* wheel). peer-fixtures: tests/peers/make_fixtures.py in that venv
+# writes $(PEER_FIXTURES)/<case>/ (rebuilding only what is missing or stale); the tools' chatter
+# goes to $(PEER_FIXTURES).log. peer-test: those fixtures, then tests/peers in fourbit's venv.
+PEER_VENV ?= .peers/venv
+PEER_PY := $(PEER_VENV)/bin/python
+PEER_FIXTURES ?= .peers/fixtures
+# GPTQModel compiles its CPU packing extension on first use: keep it with the peer venv.
+PEER_ENV := GPTQMODEL_CPU_WORKERS=2 GPTQMODEL_TORCH_EXTENSIONS_DIR=$(abspath .peers/torch_extensions) HF_HUB_OFFLINE=1
+
+$(PEER_VENV)/.installed: tests/peers/requirements.txt tests/peers/constraints.txt
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PEER_PY) -m pip install -q -c tests/peers/constraints.txt -r tests/peers/requirements.txt
+	$(PEER_PY) -m pip uninstall -q -y nvidia-ml-py
+	@if $(PEER_PY) -m pip list 2>/dev/null | grep -i nvidia; then echo "the peer venv has nvidia packages"; exit 1; fi
+	$(PEER_PY) -c "import torch; assert not torch.version.cuda, torch.__version__; print('peer venv: torch', torch.__version__)"
+	touch $@
+
+peer-venv: $(PEER_VENV)/.installed
+
+peer-fixtures: $(PEER_VENV)/.installed
+	@mkdir -p $(PEER_FIXTURES)
+	@$(PEER_ENV) $(PEER_PY) tests/peers/make_fixtures.py --out $(PEER_FIXTURES) > $(PEER_FIXTURES).log 2>&1; rc=$$?; \
+	  grep -E '^[a-z0-9-]+: (built|current|FAILED)|^fixtures in' $(PEER_FIXTURES).log; \
+	  if [ $$rc != 0 ]; then tail -n 40 $(PEER_FIXTURES).log; echo "make_fixtures failed: $(PEER_FIXTURES).log"; exit $$rc; fi
+
+peer-test: peer-fixtures $(VENV)/.built
+	FOURBIT_PEER_FIXTURES=$(abspath $(PEER_FIXTURES)) $(PY) -m pytest tests/peers -q -p no:cacheprovider
 
 clean:
 	rm -rf build $(VENV) python/fourbit/*.so *.egg-info python/*.egg-info

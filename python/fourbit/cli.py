@@ -6,12 +6,16 @@
     fourbit eval --model M [--text FILE] perplexity over 512-token windows
     fourbit quantize SRC OUT [--group-size G] [--symmetric] [--skip PATTERN ...]
                                          write a quantized model directory load_model reads
+    fourbit convert SRC OUT --to compressed-tensors|fourbit [--dense-fallback]
+                                         rewrite a model directory in another format, exactly
+    fourbit inspect PATH                 what a checkpoint holds and what fourbit runs it with
     fourbit bench                        the benchmark suites for this device (bench/)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import subprocess
 import sys
@@ -21,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import dispatch
 from .evaluate import decode_tokens_per_second, default_text, perplexity
 from .generate import generate
-from .models import load_model, load_tokenizer, save_model
+from .models import load_model, load_tokenizer, resolve_source, save_model
 from .nn import Int4Linear
 from .ops import BACKENDS
 from .quantize import Int4WeightOnlyConfig
@@ -135,6 +140,230 @@ def _check_kept_int4(model, args, source) -> None:
         args.parser.error(f"argument {'/'.join(flags)}: {source} already has int4 layers: {found}. fourbit "
                           f"does not round int4 weights a second time to make them {asked}: leave out "
                           f"{' and '.join(flags)} to keep them as they are, or start from the float model")
+
+
+def convert_cmd(args) -> None:
+    if args.dense_fallback and args.to != "compressed-tensors":
+        args.parser.error("argument --dense-fallback: applies to --to compressed-tensors only")
+    model = load_model(args.src, device="cpu", dtype=getattr(torch, args.dtype) if args.dtype else None)
+    try:
+        tokenizer = load_tokenizer(args.src)
+    except ValueError:
+        tokenizer = None
+    try:
+        out = save_model(model, args.out, tokenizer, format=args.to, dense_fallback=args.dense_fallback)
+    except ValueError as error:
+        raise SystemExit(f"fourbit convert: {error}") from None
+    print(f"wrote {out} ({args.to}{'' if tokenizer else ', no tokenizer: the source has none'})")
+
+
+# ---- inspect ---------------------------------------------------------------------------------
+#
+# A checkpoint is described as per-layer entries {role: Entry} and the model's ends, read
+# from file headers (GGUF tensor table, safetensors headers, config.json); only the int4
+# layers of a Hugging Face GPTQ / AWQ / compressed-tensors directory are converted (one at a
+# time, by fourbit's own readers) to learn their group size, symmetry and act-order.
+
+LAYER_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+FUSED = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+GGUF_INT4 = {"Q4_0": (32, True), "Q4_1": (32, False), "Q4_K": (32, False)}  # group size, symmetric
+
+
+class Entry:
+    """One tensor as stored: its type label, and (group_size, symmetric, act_order, perm key)
+    when fourbit reads it as int4."""
+
+    def __init__(self, label: str, int4: tuple | None = None):
+        self.label, self.int4 = label, int4
+
+    def text(self) -> str:
+        if self.int4 is None:
+            return f"{self.label} (float)"
+        group, symmetric, act_order = self.int4[:3]
+        kind = f"int4 g{group} {'sym' if symmetric else 'asym'}" + (" act-order" if act_order else "")
+        return kind if self.label == "int4" else f"{self.label} {kind}"
+
+
+def _int4_entry(weight, label: str = "int4") -> Entry:
+    perm = None if weight.perm is None else tuple(weight.perm.tolist())
+    return Entry(label, (weight.group_size, weight.symmetric, perm is not None, perm))
+
+
+def _safetensors_dtypes(directory: Path) -> dict[str, str]:
+    """{tensor name: dtype} from the safetensors headers of a directory (no tensor read)."""
+    from safetensors import safe_open
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                out[name] = str(f.get_slice(name).get_dtype()).lower()
+    return out
+
+
+def _describe_gguf(path: Path):
+    from .gguf_file import GGUFFile
+    from .models.gguf import GGUFCheckpoint, read_config
+    file = GGUFFile(path)
+    config = read_config(file)
+    counts: dict[str, int] = {}
+    for tensor in file.tensors.values():
+        counts[tensor.type_name] = counts.get(tensor.type_name, 0) + 1
+    version = int.from_bytes(Path(path).open("rb").read(8)[4:8], "little")
+    header = [f"format: GGUF v{version} ({file.metadata.get('general.architecture')}), {len(file.tensors)} tensors: "
+              + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda item: -item[1]))]
+
+    def entry(name):
+        tensor = file.tensors.get(name)
+        if tensor is None:
+            return None
+        int4 = GGUF_INT4.get(tensor.type_name)
+        return Entry(tensor.type_name, None if int4 is None else (*int4, False, None))
+    names = GGUFCheckpoint._LAYER_NAMES
+    layers = [{role: entry(f"blk.{i}.{names[role]}") for role in LAYER_ROLES} for i in range(config.num_layers)]
+    ends = {role: entry(name) for role, name in GGUFCheckpoint._MODEL_NAMES.items()}
+    notes = [f"{kind}: group size {g}, {'symmetric (m = -8 d)' if sym else 'float minimum (w = q d + m)'}"
+             for kind, (g, sym) in GGUF_INT4.items() if kind in counts]
+    return config, header + notes, layers, ends
+
+
+def _describe_fourbit(path: Path):
+    from .checkpoint import _checkpoint_files
+    from .models.hf import read_config
+    config = read_config(path)
+    metadata, _ = _checkpoint_files(path / "model.safetensors")
+    quantized = json.loads(metadata.get("quantized", "{}"))
+    aliases = json.loads(metadata.get("aliases", "{}"))
+    dtypes = _safetensors_dtypes(path)
+    header = [f"format: fourbit checkpoint, format version {metadata.get('format_version')}, "
+              f"{len(quantized)} int4 layers"]
+
+    def entry(module):
+        if module in quantized:
+            cfg = quantized[module]
+            scales, offsets = dtypes.get(f"{module}.scales", "?"), dtypes.get(f"{module}.offsets", "?")
+            label = f"int4 scales {scales}" + ("" if offsets == scales else f" offsets {offsets}")
+            return Entry(label, (cfg["group_size"], cfg["symmetric"], cfg.get("act_order", False), None))
+        name = f"{module}.weight"
+        return Entry(dtypes.get(name, "tied" if name in aliases else "?")) if name in dtypes or name in aliases \
+            else None
+    modules = {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
+               "down": "mlp.down_proj"}
+    layers = [{role: entry(f"layers.{i}.{m}") for role, m in modules.items()} for i in range(config.num_layers)]
+    ends = {"embed": entry("embed_tokens"), "norm": entry("norm"), "lm_head": entry("lm_head")}
+    return config, header, layers, ends
+
+
+def _describe_hf(path: Path):
+    from .models.hf import HFCheckpoint
+    checkpoint = HFCheckpoint(path)
+    config = checkpoint.config
+    dtypes = _safetensors_dtypes(path)
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if checkpoint.format is None:
+        header = ["format: Hugging Face float checkpoint (no quantization_config)"]
+    else:
+        keys = ("quant_method", "format", "checkpoint_format", "version", "bits", "group_size", "sym", "desc_act",
+                "zero_point", "packing_format")
+        fields = ", ".join(f"{k}={quant[k]}" for k in keys if quant.get(k) is not None)
+        header = [f"format: {checkpoint.format.description} ({fields})"]
+        for name, group in (quant.get("config_groups") or {}).items():
+            weights = group.get("weights") or {}
+            targets = group.get("targets") or []
+            targets = targets if len(targets) <= 3 else [*targets[:2], f"... ({len(targets)} modules)"]
+            header.append(f"  {name}: targets {targets}, " + ", ".join(
+                f"{k}={weights.get(k)}" for k in ("num_bits", "strategy", "group_size", "symmetric", "actorder")))
+        if quant.get("ignore"):
+            header.append(f"  ignore: {quant['ignore']}")
+
+    def entry(role, layer):
+        module = checkpoint._quantized_layer(role, layer)
+        if module is not None:
+            return _int4_entry(checkpoint._read(role, layer))
+        name = checkpoint._float_name(role, layer)
+        return Entry(dtypes[name]) if name in dtypes else None
+    layers = [{role: entry(role, i) for role in LAYER_ROLES} for i in range(config.num_layers)]
+    ends = {"embed": entry("embed", None), "norm": entry("norm", None), "lm_head": entry("lm_head", None)}
+    return config, header, layers, ends
+
+
+def _runs_as(layer: dict, config) -> dict[str, str]:
+    """{fourbit module: "Int4Linear g.." or "nn.Linear"} for one layer's entries, as the loader
+    fuses them: int4 only when every part is int4 with one group size and permutation."""
+    out = {}
+    for module, roles in FUSED.items():
+        if module in layer:  # a fourbit checkpoint: fused already
+            parts = [layer[module]]
+        elif all(role in layer for role in roles):
+            parts = [layer[role] for role in roles]
+        else:
+            continue
+        keys = {(p.int4[0], p.int4[2], p.int4[3]) if p is not None and p.int4 else None for p in parts}
+        if len(keys) == 1 and None not in keys:
+            group = parts[0].int4[0]
+            out[module] = f"Int4Linear g{group}" + (" act-order" if parts[0].int4[2] else "")
+        else:
+            mixed = " (parts of different types: dequantized)" if any(p is not None and p.int4 for p in parts) \
+                else ""
+            out[module] = "nn.Linear" + mixed
+    return out
+
+
+def _collapse(lines_by_layer: list[str]) -> list[str]:
+    """Consecutive layers with the same description as one line: "layers 0-29: ..."."""
+    out, start = [], 0
+    for i in range(1, len(lines_by_layer) + 1):
+        if i == len(lines_by_layer) or lines_by_layer[i] != lines_by_layer[start]:
+            span = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
+            out.append(f"{span}: {lines_by_layer[start]}")
+            start = i
+    return out
+
+
+def _group_roles(entries: dict[str, str]) -> str:
+    """{role: text} as "q,k,v int4 g32; o Q6_K (float)": roles sharing a text together."""
+    by_text: dict[str, list[str]] = {}
+    for role, text in entries.items():
+        by_text.setdefault(text, []).append(role)
+    return "; ".join(f"{','.join(roles)} {text}" for text, roles in by_text.items())
+
+
+def inspect_cmd(args) -> None:
+    path = resolve_source(args.path)
+    if path.suffix == ".gguf":
+        config, header, layers, ends = _describe_gguf(path)
+    elif path.is_dir():
+        from .models.hf import is_fourbit_checkpoint
+        config, header, layers, ends = (_describe_fourbit if is_fourbit_checkpoint(path) else _describe_hf)(path)
+    else:
+        raise SystemExit(f"fourbit inspect: {path} is neither a .gguf file nor a model directory")
+    print(f"{args.path}: {path}" if str(args.path) != str(path) else str(path))
+    for line in header:
+        print(line)
+    print(f"model: {config.to_hf()['model_type']}, {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"intermediate {config.intermediate_size}, heads {config.num_heads} (kv {config.num_kv_heads}), vocab "
+          f"{config.vocab_size}{', tied embeddings' if config.tie_word_embeddings else ''}")
+    print("stored:")
+    for line in _collapse([_group_roles({r: e.text() for r, e in layer.items() if e is not None})
+                           for layer in layers]):
+        print(f"  {line}")
+    lm_head = "tied to the embedding" if config.tie_word_embeddings or ends.get("lm_head") is None \
+        else ends["lm_head"].text()
+    print(f"  embed {ends['embed'].text() if ends.get('embed') else '?'}; norm "
+          f"{ends['norm'].text() if ends.get('norm') else '?'}; lm_head {lm_head}")
+    print("fourbit runs:")
+    for line in _collapse([_group_roles(_runs_as(layer, config)) for layer in layers]):
+        print(f"  {line}")
+    head = ends.get("lm_head")
+    head_runs = "nn.Linear (tied to the embedding)" if config.tie_word_embeddings or head is None else \
+        (f"Int4Linear g{head.int4[0]}" if head.int4 else "nn.Linear")
+    print(f"  lm_head {head_runs}; the embedding and norms float")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    n, k = config.hidden_size, config.hidden_size
+    decode, prefill = (dispatch.choose_int4_kernel(device, dtype, m, n, k) for m in (1, 512))
+    name = lambda kernel: kernel.backend + (f" ({kernel.path})" if kernel.path else "")  # noqa: E731
+    print(f'Int4Linear backend "auto" on this machine ({device}, {dtype}): {name(decode)} for decode (M=1), '
+          f"{name(prefill)} for prefill (M=512)")
 
 
 def bench_cmd(args) -> None:
@@ -252,6 +481,23 @@ def main(argv=None) -> None:
                   "row); int4 layers of the source are kept as they are, and asking for another group size "
                   "for them is an error")
     p.set_defaults(func=quantize_cmd)
+
+    p = sub.add_parser("convert", help="rewrite a model in another checkpoint format, exactly")
+    p.add_argument("src", help="a .gguf file, a model directory (any load_model reads) or smollm2-135m")
+    p.add_argument("out")
+    p.add_argument("--to", required=True, choices=("compressed-tensors", "fourbit"),
+                   help="compressed-tensors: pack-quantized, loaded by transformers and vLLM; fourbit: "
+                        "fourbit's own format")
+    p.add_argument("--dense-fallback", action="store_true",
+                   help="write int4 layers compressed-tensors cannot hold exactly (float offsets: GGUF Q4_1 / "
+                        "Q4_K, fourbit's asymmetric RTN) as float layers instead of failing")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="float tensors and exported scales in this dtype (default float32)")
+    p.set_defaults(func=convert_cmd, parser=p)
+
+    p = sub.add_parser("inspect", help="what a checkpoint holds and what fourbit runs it with")
+    p.add_argument("path", help="a .gguf file, a model directory or smollm2-135m")
+    p.set_defaults(func=inspect_cmd)
 
     p = sub.add_parser("bench", help="run the benchmark suites for this device (bench/run.py)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="bench/run.py arguments (--slow, --out DIR, --save)")

@@ -257,11 +257,28 @@ def build_model(checkpoint, device, dtype: torch.dtype, quantize=None) -> Llama:
     return _finish(model, torch.device(device))
 
 
-def save_model(model: Llama, directory, tokenizer=None) -> Path:
-    """Write model (quantized or not) as a directory load_model reads back: config.json,
-    model.safetensors (fourbit's checkpoint format) and, given one, the tokenizer."""
+def save_model(model: Llama, directory, tokenizer=None, format: str = "fourbit", dense_fallback: bool = False) -> Path:
+    """Write model (quantized or not) as a directory: config.json, model.safetensors and,
+    given one, the tokenizer.
+
+    Args:
+        format: "fourbit" (fourbit's checkpoint format, which load_model reads back) or
+            "compressed-tensors" (the pack-quantized Hugging Face layout llm-compressor writes,
+            which transformers and vLLM load, and load_model too; see fourbit.export).
+        dense_fallback: compressed-tensors only: write int4 layers it cannot hold exactly
+            (float offsets: fourbit's asymmetric round-to-nearest, GGUF Q4_1 / Q4_K) as float
+            layers instead of raising ValueError naming them.
+    """
     if not isinstance(model, Llama):
         raise TypeError(f"model must be a fourbit Llama (fourbit.load_model), got {type(model).__name__}")
+    if format not in ("fourbit", "compressed-tensors"):
+        raise ValueError(f"format must be 'fourbit' or 'compressed-tensors', got {format!r}")
+    if format == "compressed-tensors":
+        from ..export import save_compressed_tensors
+        return save_compressed_tensors(model, directory, tokenizer, dense_fallback=dense_fallback)
+    if dense_fallback:
+        raise ValueError("dense_fallback applies to format='compressed-tensors' only: the fourbit format holds "
+                         "every int4 layer exactly")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_quantized(model, directory / "model.safetensors")

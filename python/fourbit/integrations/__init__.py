@@ -1,0 +1,2 @@
+"""Integrations of fourbit into other frameworks, each imported on its own (they import the
+framework): fourbit.integrations.hf, the Hugging Face transformers quantizer."""

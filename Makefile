@@ -136,12 +136,20 @@ peer-venv: $(PEER_VENV)/.installed
 
 peer-fixtures: $(PEER_VENV)/.installed
 	@mkdir -p $(PEER_FIXTURES)
-	@$(PEER_ENV) $(PEER_PY) tests/peers/make_fixtures.py --out $(PEER_FIXTURES) > $(PEER_FIXTURES).log 2>&1; rc=$$?; \
+	@# From .peers/: GPTQModel writes its logs/ into the working directory.
+	@cd .peers && $(PEER_ENV) $(abspath $(PEER_PY)) $(abspath tests/peers/make_fixtures.py) \
+	  --out $(abspath $(PEER_FIXTURES)) > $(abspath $(PEER_FIXTURES)).log 2>&1; rc=$$?; \
 	  grep -E '^[a-z0-9-]+: (built|current|FAILED)|^fixtures in' $(PEER_FIXTURES).log; \
 	  if [ $$rc != 0 ]; then tail -n 40 $(PEER_FIXTURES).log; echo "make_fixtures failed: $(PEER_FIXTURES).log"; exit $$rc; fi
 
+# The export runs the other way: fourbit writes compressed-tensors checkpoints and its logits
+# (tests/peers/check_export.py write), transformers + compressed-tensors load them in the peer
+# venv and must agree (check).
 peer-test: peer-fixtures $(VENV)/.built
 	FOURBIT_PEER_FIXTURES=$(abspath $(PEER_FIXTURES)) $(PY) -m pytest tests/peers -q -p no:cacheprovider
+	rm -rf .peers/export
+	$(PY) tests/peers/check_export.py write .peers/export
+	cd .peers && $(PEER_ENV) $(abspath $(PEER_PY)) $(abspath tests/peers/check_export.py) check $(abspath .peers/export)
 
 clean:
 	rm -rf build $(VENV) python/fourbit/*.so *.egg-info python/*.egg-info

@@ -54,12 +54,14 @@ def test_inspect_embedded_gguf(capsys):
     assert 'Int4Linear backend "auto" on this machine (cpu, torch.float32)' in out
 
 
-def test_inspect_gguf_with_mixed_types_says_what_is_fused_as_float(tiny_gguf, capsys):
+def test_inspect_gguf_with_mixed_types_says_which_parts_stay_apart(tiny_gguf, capsys):
     out = run(capsys, "inspect", str(tiny_gguf))
     assert "layer 0: q,k,v,o,gate,up,down Q4_0 int4 g32 sym\n" in out
     assert "layer 1: q,down Q4_1 int4 g32 asym; k,v,o,gate,up F32 (float)\n" in out
-    assert "layer 1: qkv nn.Linear (parts of different types: dequantized); o,gate_up nn.Linear; down Int4Linear " \
+    assert "layer 1: qkv ConcatLinear(Int4Linear g32, nn.Linear, nn.Linear); o,gate_up nn.Linear; down Int4Linear " \
         "g32\n" in out
+    model = fourbit.load_model(tiny_gguf, device="cpu")  # and the loader does what inspect says
+    assert [type(p).__name__ for p in model.layers[1].self_attn.qkv_proj.parts] == ["Int4Linear", "Linear", "Linear"]
     assert "layer 0: qkv,o,gate_up,down Int4Linear g32" in out
 
 
@@ -95,8 +97,10 @@ def test_convert_round_trips_between_formats(float_dir, tmp_path, capsys):
 
 
 def test_convert_gguf_q4_0_exactly_and_q4_1_only_with_dense_fallback(tiny_gguf, tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"fourbit convert: 1 int4 layers cannot be written.*1 with offsets "
-                                         r".*float minimum.*: model.layers.1.mlp.down_proj \(row 0, group 0"):
+    # Layer 1's q (Q4_1, beside F32 k and v: a ConcatLinear part) and down are int4 with float minima.
+    with pytest.raises(SystemExit, match=r"fourbit convert: 2 int4 layers cannot be written.*2 with offsets "
+                                         r".*float minimum.*: model.layers.1.self_attn.q_proj \(row 0, group 0.*"
+                                         r"model.layers.1.mlp.down_proj \(row 0, group 0"):
         main(["convert", str(tiny_gguf), str(tmp_path / "ct"), "--to", "compressed-tensors"])
     run(capsys, "convert", str(tiny_gguf), str(tmp_path / "ct"), "--to", "compressed-tensors", "--dense-fallback")
     quant = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -106,8 +110,10 @@ def test_convert_gguf_q4_0_exactly_and_q4_1_only_with_dense_fallback(tiny_gguf, 
     for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):  # Q4_0: exact
         a, b = source.get_submodule(f"layers.0.{name}"), exported.get_submodule(f"layers.0.{name}")
         assert isinstance(b, fourbit.Int4Linear) and torch.equal(a.weight.dequantize(), b.weight.dequantize())
-    # layer 1's fused qkv was float already (q Q4_1, k and v F32): exported as its float rows
-    assert torch.equal(exported.layers[1].self_attn.qkv_proj.weight, source.layers[1].self_attn.qkv_proj.weight)
+    # layer 1's qkv (q Q4_1 int4, k and v F32, kept apart): exported as float rows, exactly
+    q, k, v = source.layers[1].self_attn.qkv_proj.parts
+    assert torch.equal(exported.layers[1].self_attn.qkv_proj.weight,
+                       torch.cat([q.weight.dequantize(), k.weight, v.weight]))
     assert torch.equal(exported.embed_tokens.weight, source.embed_tokens.weight)
     assert torch.equal(exported.layers[1].mlp.down_proj.weight, source.layers[1].mlp.down_proj.weight.dequantize())
     with torch.no_grad():  # layer 1's down_proj: float matmul of the same weights, not the int4 kernel

@@ -163,7 +163,8 @@ CONFIG = dict(vocab=320, hidden=256, inter=512, layers=3, heads=4, kv_heads=2)
 
 # Q4_K_M keeps most matrices Q4_K and gives attn_v and ffn_down Q6_K in some layers (the
 # first and last eighth and every third between), output Q6_K; token_embd here Q8_0. Layer 1
-# is all Q4_K (qkv fused int4), layers 0 and 2 have Q6_K v and down (qkv and down float).
+# is all Q4_K (qkv fused int4), layers 0 and 2 have Q6_K v and down (down float, qkv a
+# ConcatLinear of int4 q and k and a float v).
 def layer_types(i: int) -> dict:
     more_bits = i != 1
     return {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K" if more_bits else "Q4_K",
@@ -228,22 +229,38 @@ def q4_k_m_models(tmp_path_factory):
 
 def test_q4_k_m_file_puts_every_q4_k_layer_on_int4(q4_k_m_models):
     model, ref, tensors = q4_k_m_models
+    fused = {"self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "self_attn.o_proj": ("attn_output",),
+             "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",)}
     for i, layer in enumerate(model.layers):
         types = layer_types(i)
-        expect_int4 = {"self_attn.qkv_proj": {types[p] for p in ("attn_q", "attn_k", "attn_v")} == {"Q4_K"},
-                       "self_attn.o_proj": types["attn_output"] == "Q4_K",
-                       "mlp.gate_up_proj": types["ffn_gate"] == types["ffn_up"] == "Q4_K",
-                       "mlp.down_proj": types["ffn_down"] == "Q4_K"}
-        for name, int4 in expect_int4.items():
+        for name, parts in fused.items():
             module = layer.get_submodule(name)
-            if int4:
-                assert isinstance(module, fourbit.Int4Linear), (i, name)
-                assert module.group_size == 32 and module.scales.dtype == module.offsets.dtype == torch.float32
+            kinds = [types[p] for p in parts]
+            if len(set(kinds)) > 1:  # parts of both kinds stay apart, each in its own form
+                assert isinstance(module, fourbit.nn.ConcatLinear), (i, name)
+                modules = list(module.parts)
             else:
-                assert type(module) is torch.nn.Linear and module.weight.dtype == torch.float32, (i, name)
+                modules = [module]
+                kinds = kinds[:1]
+            for part, kind in zip(modules, kinds):
+                if kind == "Q4_K":
+                    assert isinstance(part, fourbit.Int4Linear), (i, name)
+                    assert part.group_size == 32 and part.scales.dtype == part.offsets.dtype == torch.float32
+                else:
+                    assert type(part) is torch.nn.Linear and part.weight.dtype == torch.float32, (i, name)
     assert type(model.lm_head) is torch.nn.Linear  # output.weight is Q6_K
-    # Layer 1's qkv fused int4; layers 0 and 2 have float qkv (a Q6_K v makes the fusion float).
-    assert isinstance(model.layers[1].self_attn.qkv_proj, fourbit.Int4Linear)
+    assert isinstance(model.layers[1].self_attn.qkv_proj, fourbit.Int4Linear)  # all Q4_K: fused
+
+
+def dense_weights(model) -> dict:
+    """{linear layer name: its float weight}, a ConcatLinear's parts stacked as one."""
+    def dense(module):
+        if isinstance(module, fourbit.nn.ConcatLinear):
+            return torch.cat([dense(p) for p in module.parts])
+        return module.weight.dequantize() if isinstance(module, fourbit.Int4Linear) else module.weight
+    kinds = (fourbit.Int4Linear, torch.nn.Linear, fourbit.nn.ConcatLinear)
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds) and ".parts." not in n]
+    return {n: dense(model.get_submodule(n)) for n in names}
 
 
 def test_q4_k_m_weights_equal_gguf_dequantization(q4_k_m_models):
@@ -252,9 +269,7 @@ def test_q4_k_m_weights_equal_gguf_dequantization(q4_k_m_models):
     the Q4_K parts of a float qkv too, and q and k after llama.cpp's row order is undone
     (checked by hand below against the file's own rows)."""
     model, ref, tensors = q4_k_m_models
-    weights = lambda m: {n: (mod.weight.dequantize() if isinstance(mod, fourbit.Int4Linear) else mod.weight)  # noqa: E731
-                         for n, mod in m.named_modules() if isinstance(mod, (fourbit.Int4Linear, torch.nn.Linear))}
-    ours, theirs = weights(model), weights(ref)
+    ours, theirs = dense_weights(model), dense_weights(ref)
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
@@ -283,8 +298,8 @@ def test_q4_k_m_logits_and_greedy_decode_match_the_float_model(q4_k_m_models):
 
 
 def test_q4_k_m_int4_fraction(q4_k_m_models):
-    """How many of the linear weights run on int4 (the loader fuses q/k/v and gate/up only
-    when every part is int4): all but the Q6_K v / down layers' qkv and down, and lm_head."""
+    """How many of the linear weights run on int4: every Q4_K one (the loader keeps the parts
+    of a fused q/k/v apart when v is Q6_K); all but the Q6_K v and down, and lm_head."""
     model, _, _ = q4_k_m_models
     sizes = {n: m.in_features * m.out_features for n, m in model.named_modules()
              if isinstance(m, (fourbit.Int4Linear, torch.nn.Linear))}
@@ -292,7 +307,8 @@ def test_q4_k_m_int4_fraction(q4_k_m_models):
     c = CONFIG
     d = c["hidden"] // c["heads"]
     qkv, o, mlp = (c["heads"] + 2 * c["kv_heads"]) * d * c["hidden"], c["hidden"] ** 2, 3 * c["inter"] * c["hidden"]
-    expected = (qkv + o + mlp) + 2 * (o + 2 * c["inter"] * c["hidden"])  # layer 1 whole; 0 and 2 o, gate_up
+    v, down = c["kv_heads"] * d * c["hidden"], c["inter"] * c["hidden"]
+    expected = c["layers"] * (qkv + o + mlp) - 2 * (v + down)  # layers 0 and 2: v and down Q6_K
     assert int4 == expected
     assert sum(sizes.values()) == c["layers"] * (qkv + o + mlp) + c["vocab"] * c["hidden"]
 

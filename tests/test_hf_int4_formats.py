@@ -250,9 +250,9 @@ def test_gptq_act_order_g128_short_groups(tmp_path):
     check_model(qdir, fdir, {m: r for m, r in refs.items() if "down_proj" not in m})
 
 
-def test_gptq_act_order_different_perms_fuse_to_float(tmp_path):
+def test_gptq_act_order_different_perms_stay_apart(tmp_path):
     """q, k and v with different act-order permutations cannot share one int4 matrix: the fused
-    projection is their exact float dequantization, the other layers stay int4."""
+    projection keeps them apart (a ConcatLinear), each int4 with its own perm, exactly."""
     qdir, fdir, refs = build_checkpoint(tmp_path, gptq_tensors, gptq_config(32, False, act_order=True),
                                         group_size=32, symmetric=False, act_order=True, v1=True)
     # Re-pack layer 0's k_proj with a permutation of its own.
@@ -262,9 +262,10 @@ def test_gptq_act_order_different_perms_fuse_to_float(tmp_path):
     save_file(tensors, str(qdir / "model.safetensors"))
     model = fourbit.load_model(qdir, device="cpu", dtype=torch.float32)
     qkv = model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv, torch.nn.Linear)
-    assert torch.equal(qkv.weight[HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM], ref)
-    assert torch.equal(qkv.weight[:HEADS * HEAD_DIM], refs["model.layers.0.self_attn.q_proj"])
+    assert isinstance(qkv, fourbit.nn.ConcatLinear)
+    assert all(isinstance(p, fourbit.Int4Linear) and p.act_order for p in qkv.parts)
+    assert torch.equal(qkv.parts[1].weight.dequantize(), ref)
+    assert torch.equal(qkv.parts[0].weight.dequantize(), refs["model.layers.0.self_attn.q_proj"])
     assert isinstance(model.layers[1].self_attn.qkv_proj, fourbit.Int4Linear)
 
 

@@ -7,7 +7,9 @@ previous checkpoint still uses). Every file carries the same metadata:
 
     format          "fourbit"
     format_version  FORMAT_VERSION of format.py
-    quantized       JSON {module name: {group_size, symmetric, in_features, out_features}}
+    quantized       JSON {module name: {group_size, symmetric, act_order, in_features, out_features}}
+    concat          JSON {module name: [out_features of each part]} for ConcatLinear layers
+                    (fused projections whose parts stay apart; absent when there are none)
     aliases         JSON {state-dict name: stored name} for tensors shared in the model
                     (tied embeddings are stored once)
     checkpoint_id   sharded only: a random id of the save; every shard carries its index's
@@ -44,7 +46,7 @@ from torch import nn
 
 from . import _checks
 from .format import COMPUTE_DTYPES, FORMAT_VERSION, READABLE_FORMAT_VERSIONS, check_perm
-from .nn import Int4Linear, _set_submodule
+from .nn import ConcatLinear, Int4Linear, _set_submodule
 
 try:
     import fcntl
@@ -52,6 +54,10 @@ except ImportError:  # Windows: saves into one directory are not serialized
     fcntl = None
 
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
+
+
+def _concat_modules(model: nn.Module) -> dict[str, list[int]]:
+    return {name: m.split_sizes for name, m in model.named_modules() if isinstance(m, ConcatLinear)}
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, dict]:
@@ -189,6 +195,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike,
         tensors[name] = t.detach().to("cpu").contiguous()
     metadata = {"format": "fourbit", "format_version": str(FORMAT_VERSION),
                 "quantized": json.dumps(_quantized_modules(model)), "aliases": json.dumps(aliases)}
+    if concat := _concat_modules(model):
+        metadata["concat"] = json.dumps(concat)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -235,7 +243,8 @@ def _read_metadata(metadata: dict[str, str], path: Path) -> tuple[dict, dict]:
     if version not in [str(v) for v in READABLE_FORMAT_VERSIONS]:
         raise ValueError(f"{path} has fourbit format version {version!r}; this fourbit reads "
                          f"versions {READABLE_FORMAT_VERSIONS}")
-    return json.loads(metadata.get("quantized", "{}")), json.loads(metadata.get("aliases", "{}"))
+    return (json.loads(metadata.get("quantized", "{}")), json.loads(metadata.get("aliases", "{}")),
+            json.loads(metadata.get("concat", "{}")))
 
 
 def _read_tensors(path: Path, metadata: dict[str, str], files: dict[str, Path],
@@ -288,13 +297,33 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
     path = Path(path)
     device = torch.device(device or "cpu")
     metadata, files = _checkpoint_files(path)
-    quantized, aliases = _read_metadata(metadata, path)
+    quantized, aliases, concat = _read_metadata(metadata, path)
 
     # The modules to swap in, built on meta: they describe the expected names and shapes.
+    # ConcatLinear layers first (their float parts), then the Int4Linear ones, which may be
+    # parts of those: looked up in the staged modules, never in the model, which stays as it is.
+    staged = {}
+    for name, sizes in concat.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path} splits module {name!r}, which the model does not have") from None
+        if not isinstance(old, (nn.Linear, ConcatLinear)) or old.out_features != sum(sizes) or \
+                not all(isinstance(r, int) and r > 0 for r in sizes):
+            raise ValueError(f"{path} splits {name!r} into parts of {sizes} rows but the model has {old}")
+        staged[name] = ConcatLinear([nn.Linear(old.in_features, rows, bias=getattr(old, "bias", None) is not None,
+                                               device="meta") for rows in sizes])
+
+    def submodule(name: str) -> nn.Module:
+        for prefix, module in staged.items():
+            if name.startswith(prefix + "."):
+                return module.get_submodule(name[len(prefix) + 1:])
+        return model.get_submodule(name)
+
     swaps = {}
     for name, cfg in quantized.items():
         try:
-            old = model.get_submodule(name)
+            old = submodule(name)
         except AttributeError:
             raise ValueError(f"{path} quantizes module {name!r}, which the model does not have") from None
         if not isinstance(old, (nn.Linear, Int4Linear)) or \
@@ -304,9 +333,15 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
         swaps[name] = Int4Linear(cfg["in_features"], cfg["out_features"], old.bias is not None,
                                  cfg["group_size"], cfg["symmetric"], device="meta",
                                  act_order=cfg.get("act_order", False))
+    for name, module in swaps.items():  # parts of a staged ConcatLinear go into it now
+        prefix = next((p for p in staged if name.startswith(p + ".")), None)
+        if prefix is not None:
+            parent, _, attr = name[len(prefix) + 1:].rpartition(".")
+            setattr(staged[prefix].get_submodule(parent), attr, module)
+    replaced = {**staged, **{n: m for n, m in swaps.items() if not any(n.startswith(p + ".") for p in staged)}}
     expected = {n: t for n, t in model.state_dict().items()
-                if not any(n.startswith(s + ".") for s in swaps)}
-    for name, module in swaps.items():
+                if not any(n.startswith(s + ".") for s in replaced)}
+    for name, module in replaced.items():
         expected.update({f"{name}.{k}": t for k, t in module.state_dict().items()})
 
     stored = set(files) | set(aliases)
@@ -342,8 +377,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
                 raise ValueError(f"{path}: tensor '{name}.perm': {error}") from None
 
     # Everything checked: now change the model.
-    for name, module in swaps.items():
-        module.backend = getattr(model.get_submodule(name), "backend", "auto")
+    for name, module in replaced.items():
+        if isinstance(module, Int4Linear):
+            module.backend = getattr(model.get_submodule(name), "backend", "auto")
         _set_submodule(model, name, module)
     model.load_state_dict(loaded, strict=True, assign=True)
     return model

@@ -288,7 +288,8 @@ def _describe_hf(path: Path):
 
 def _runs_as(layer: dict, config) -> dict[str, str]:
     """{fourbit module: "Int4Linear g.." or "nn.Linear"} for one layer's entries, as the loader
-    fuses them: int4 only when every part is int4 with one group size and permutation."""
+    fuses them: one Int4Linear when every part is int4 with one group size and permutation,
+    a ConcatLinear of the parts in their own forms when only some are."""
     out = {}
     for module, roles in FUSED.items():
         if module in layer:  # a fourbit checkpoint: fused already
@@ -301,10 +302,12 @@ def _runs_as(layer: dict, config) -> dict[str, str]:
         if len(keys) == 1 and None not in keys:
             group = parts[0].int4[0]
             out[module] = f"Int4Linear g{group}" + (" act-order" if parts[0].int4[2] else "")
+        elif any(p is not None and p.int4 for p in parts):  # the loader keeps the parts apart
+            kinds = [f"Int4Linear g{p.int4[0]}" + (" act-order" if p.int4[2] else "")
+                     if p is not None and p.int4 else "nn.Linear" for p in parts]
+            out[module] = f"ConcatLinear({', '.join(kinds)})"
         else:
-            mixed = " (parts of different types: dequantized)" if any(p is not None and p.int4 for p in parts) \
-                else ""
-            out[module] = "nn.Linear" + mixed
+            out[module] = "nn.Linear"
     return out
 
 

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import _directory_lock, _fsync_dir, _remove_stale, _write_atomic
 from .format import COMPUTE_DTYPES, Int4Weight, pack_int4, select_rows, unpack_int4
-from .nn import Int4Linear
+from .nn import ConcatLinear, Int4Linear
 
 QUANT_METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
@@ -169,11 +169,15 @@ def plan_export(model, dtype: torch.dtype, dense_fallback: bool = False) -> list
     """
     layers, refused = [], {}
     for module_name, _, parts in _hf_modules(model):
-        module = model.get_submodule(module_name)
-        bias = getattr(module, "bias", None)
-        start = 0
-        for hf_name, rows in parts:
-            lo, start = start, start + rows
+        fused = model.get_submodule(module_name)
+        offset = 0
+        for i, (hf_name, rows) in enumerate(parts):
+            if isinstance(fused, ConcatLinear):  # the parts kept apart: part i holds these rows
+                module, lo, start = fused.parts[i], 0, rows
+            else:
+                module, lo, start = fused, offset, offset + rows
+            offset += rows
+            bias = getattr(module, "bias", None)
             part_bias = None if bias is None else bias.detach()[lo:start]
             if isinstance(module, Int4Linear):
                 weight = select_rows(module.weight, torch.arange(lo, start, device=module.qweight.device)).to("cpu")

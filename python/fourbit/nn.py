@@ -191,6 +191,36 @@ class Int4Linear(nn.Module):
                 + (", act_order=True" if self.perm is not None else ""))
 
 
+class ConcatLinear(nn.Module):
+    """Projections of one input run side by side: y = cat([part(x) for part in parts], -1).
+
+    The loader builds one where a model fuses projections (q/k/v, gate/up) whose checkpoint
+    parts cannot become one Int4Linear (an int4 q and k beside a Q6_K v in a Q4_K_M GGUF, or
+    parts of different group sizes or act-order permutations): each part keeps its own form,
+    int4 parts on the int4 kernels, and nothing is quantized again.
+
+    Attributes:
+        parts: nn.ModuleList of Int4Linear / nn.Linear, all with in_features inputs.
+        in_features, out_features: as the fused linear's (out_features = the parts' sum).
+    """
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        if not parts or len({p.in_features for p in parts}) != 1:
+            raise ValueError("ConcatLinear needs one or more linear parts with the same in_features")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    @property
+    def split_sizes(self) -> list[int]:
+        """out_features of each part, in order."""
+        return [p.out_features for p in self.parts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
 class PagedAttention(nn.Module):
     """Attention of one layer over a paged KV cache: write the step's new K and V to the
     layer's pages, then attend (decode or prefill, as the step's PagedBatch says).

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_quantized, save_quantized, write_text_atomic
 from ..format import COMPUTE_DTYPES, Int4Weight, can_concat_rows, concat_rows, with_common_dtypes
-from ..nn import Int4Linear
+from ..nn import ConcatLinear, Int4Linear
 from ..quantize import Int4WeightOnlyConfig, as_config, quantize_weight
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint, is_fourbit_checkpoint, read_config
@@ -55,15 +55,18 @@ def resolve_source(source) -> Path:
 
 
 def _fuse(parts: list):
-    """The parts of a tensor stacked along N (fused projections): int4 stays int4 when every
+    """The parts of a tensor stacked along N (fused projections): one Int4Weight when every
     part is int4 with one group size and act-order permutation (scales and offsets of other
-    dtypes are widened to fp32, exactly); otherwise everything becomes float, exactly."""
+    dtypes are widened to fp32, exactly); one float tensor when every part is float; else the
+    list of parts as they are (the layer becomes a ConcatLinear: int4 parts stay int4)."""
     if len(parts) == 1:
         return parts[0]
     if all(isinstance(p, Int4Weight) for p in parts):
         parts_ = with_common_dtypes(parts)
         if all(can_concat_rows(parts_[0], p) for p in parts_[1:]):
             return concat_rows(parts_)
+    if any(isinstance(p, Int4Weight) for p in parts):
+        return list(parts)
     return torch.cat([p.dequantize() if isinstance(p, Int4Weight) else p.float() for p in parts])
 
 
@@ -105,23 +108,44 @@ def _set_param(module: nn.Module, attr: str, value: torch.Tensor) -> None:
 def _set_linear(model: nn.Module, name: str, value, device, dtype,
                 quantize: Int4WeightOnlyConfig | bool | None) -> None:
     """Put a linear layer's weight in place: as Int4Linear (int4 checkpoints, or float ones
-    the config quantizes) or as nn.Linear (float, or int4 dequantized when quantize is False)."""
+    the config quantizes), as nn.Linear (float, or int4 dequantized when quantize is False),
+    or, for fused parts that stay apart (a list, see _fuse), as a ConcatLinear of those."""
     module = model.get_submodule(name)
-    if isinstance(value, Int4Weight) and quantize is False:
-        value = value.dequantize(dtype)
     config = quantize if isinstance(quantize, Int4WeightOnlyConfig) else None
-    if isinstance(value, torch.Tensor) and config is not None and config.quantizes(name, module):
-        value = quantize_weight(value.to(device, torch.float32), config.group_size, config.symmetric, dtype=dtype)
+    if isinstance(value, list):
+        if quantize is False:
+            value = torch.cat([p.dequantize() if isinstance(p, Int4Weight) else p.float() for p in value])
+        elif config is not None and config.quantizes(name, module):
+            value = _fuse([p if isinstance(p, Int4Weight) else
+                           quantize_weight(p.to(device, torch.float32), config.group_size, config.symmetric,
+                                           dtype=dtype) for p in value])
+    if isinstance(value, list):
+        layer = ConcatLinear([_linear(p, module.in_features, device, dtype, config) for p in value])
+    else:
+        if isinstance(value, Int4Weight) and quantize is False:
+            value = value.dequantize(dtype)
+        if isinstance(value, torch.Tensor) and config is not None and config.quantizes(name, module):
+            value = quantize_weight(value.to(device, torch.float32), config.group_size, config.symmetric, dtype=dtype)
+        if not isinstance(value, Int4Weight):
+            _set_param(module, "weight", value.to(device, dtype))
+            return
+        layer = _linear(value, module.in_features, device, dtype, config)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, layer)
+
+
+def _linear(value, in_features: int, device, dtype, config: Int4WeightOnlyConfig | None) -> nn.Module:
+    """A linear layer without bias holding value (an Int4Weight, or a float [N, K] tensor).
+    The bias, if any, arrives as its own entry after the weight."""
     if isinstance(value, Int4Weight):
-        # The bias, if any, arrives as its own entry after the weight.
-        layer = Int4Linear(module.in_features, module.out_features, bias=False, group_size=value.group_size,
+        layer = Int4Linear(in_features, value.shape[0], bias=False, group_size=value.group_size,
                            symmetric=value.symmetric, dtype=dtype, device="meta",
                            backend=config.backend if config is not None else "auto")
         layer.load_weight(value.to(device))
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer)
-    else:
-        _set_param(module, "weight", value.to(device, dtype))
+        return layer
+    layer = nn.Linear(in_features, value.shape[0], bias=False, device="meta")
+    _set_param(layer, "weight", value.to(device, dtype))
+    return layer
 
 
 def _tensor_name(checkpoint, role: str, layer: int | None = None) -> str:
@@ -164,7 +188,10 @@ def _fill(model: Llama, checkpoint, device, dtype, quantize) -> None:
             value = _fuse([value for _, _, value in parts])
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
-            if attr == "weight" and isinstance(module, (nn.Linear, Int4Linear)):
+            if attr == "bias" and isinstance(module, ConcatLinear):  # each part its rows
+                for part, rows in zip(module.parts, value.split(module.split_sizes)):
+                    _set_param(part, "bias", rows.to(device, dtype))
+            elif attr == "weight" and isinstance(module, (nn.Linear, Int4Linear)):
                 try:
                     _set_linear(model, module_name, value, device, dtype, quantize)
                 except ValueError as error:  # quantizing it: say which checkpoint tensors

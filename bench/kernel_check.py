@@ -104,7 +104,8 @@ def _jobs():
                     kw = c.kwargs
                     if mm.gemv_shared_bytes(c, size) > props.max_shared_mem:
                         continue
-                    ce = {"GROUP_LEN": group_len, **kw}
+                    # The launch on a GPU: whole vectors in bounds (K % 32 == 0), PTX nibble conversion.
+                    ce = {"GROUP_LEN": group_len, "EVEN_K": True, "FAST_DEQUANT": True, **kw}
                     label = "{BLOCK_N}x{BLOCK_K} sk{SPLIT_K}".format(**kw) + f" w{c.num_warps} s{c.num_stages}"
                     add("int4_gemv", mm.int4_gemv_kernel, device, dtype, ce, c.num_warps, c.num_stages,
                         mm.gemv_shared_bytes(c, size), f"{label} g{group_len}", io_ptrs)

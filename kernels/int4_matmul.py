@@ -5,9 +5,11 @@ column 8j+i; scales/offsets [N, K_padded/GROUP_LEN]; w = q * s + m.
 
 Three kernels, picked by M in python/fourbit/dispatch.py (GEMV_MAX_M, DENSE_MIN_M):
 - int4_gemv_kernel: decode (M of 1 to a few). Each program streams a [BLOCK_N, BLOCK_K]
-  tile of packed words once with contiguous loads along K and reduces with FMAs on CUDA
-  cores; K is split over SPLIT_K programs so a 4096x4096 layer fills every SM, and the
-  partial sums meet in an fp32 workspace through atomic adds (no second pass over weights).
+  tile of packed words once, in 16-byte vectors along K, converts the nibbles in registers
+  and accumulates with FMAs on CUDA cores, each thread on its own (the K loop moves no data
+  between threads; one reduction after it); K is split over SPLIT_K programs so a 4096x4096
+  layer fills every SM, and the partial sums meet in an fp32 workspace through atomic adds
+  (no second pass over weights).
 - int4_gemm_kernel: larger M. A tiled GEMM on tensor cores (tl.dot); each [BLOCK_K, BLOCK_N]
   weight tile is dequantized in registers inside the K loop, never the whole matrix.
 - int4_dequantize_kernel: very large M (prefill of long prompts), where the product is
@@ -29,38 +31,57 @@ import triton.language as tl
 # devices.py). `props` is anything with .sms (SM count) and .max_shared_mem (opt-in bytes
 # per block); this module imports nothing from the package.
 
-# Triton's interpreter (CPU) runs each program in Python: one small tile, no tuning.
-GEMV_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2})
+# Triton's interpreter (CPU) runs each program in Python: one tile, no tuning. The GEMV's
+# tile is a wide one: the interpreter pays per op, and that kernel's loop is unrolled over
+# the 32 weights of a vector, whatever the tile.
+GEMV_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 2})
 GEMM_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "GROUP_M": 4})
 
 
+# (BLOCK_N, BLOCK_K) of the GEMV at 4 warps (int4_gemv_kernel): a tile is BLOCK_N x BLOCK_K/32
+# vectors of 16 bytes, at least one per thread (BLOCK_N * BLOCK_K >= 4096), so a thread holds
+# BLOCK_N * BLOCK_K / 4096 rows of one vector column, and the x values and their sum it
+# converts per vector serve that many rows. BLOCK_K stays at most 256: wider, a 16-byte chunk
+# of fp16 x along the tile ([1, BLOCK_K/32, 8]) has as many elements as the program has
+# threads and the compiler spreads it one element per thread, unlike the words (a layout
+# conversion in the loop).
+GEMV_TILES = [(16, 256), (32, 256), (64, 128), (64, 256), (128, 256)]
+
+
 def gemv_configs():
-    # Tiles of 2K to 8K weights (16 to 64 registers of q per thread at 4 warps).
-    tiles = [(16, 256), (16, 512), (32, 128), (32, 256), (64, 128)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=2)
-            for bn, bk in tiles for sk in (1, 2, 4, 8)]
+            for bn, bk in GEMV_TILES for sk in (1, 2, 4, 8)]
 
 
 def gemv_shared_bytes(config, x_bytes: int) -> int:
     """An upper bound on the shared memory of a GEMV config (proved against the compiled
-    kernels by `make kernel-check`): per stage the x tile and the [BLOCK_N, BLOCK_K/8] packed
-    words, plus scales and offsets per word, plus the reduction scratch."""
+    kernels by `make kernel-check`): the K loop exchanges nothing between threads (the
+    compiled kernels use a few hundred bytes, for the one reduction after it), so this is
+    what a software pipeline could stage per stage (the x tile, the packed words, one scale
+    and offset per row and vector), plus the final reduction's scratch."""
     bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    per_stage = bk * x_bytes + bn * (bk // 8) * (4 + 2 * x_bytes)
-    return config.num_stages * per_stage + 4 * bn * 32
+    per_stage = bk * x_bytes + bn * bk // 2 + 2 * bn * (bk // 32) * x_bytes
+    return config.num_stages * per_stage + 4 * bn * (bk // 32)
 
 
 def select_gemv(configs, n: int, k: int, x_bytes: int, props):
     """The GEMV configs worth timing for an [N, K] weight on a GPU `props`: every split
     gets at least one K tile, the grid fills the GPU (one program per SM, or the deepest
-    split), and the tile fits in shared memory. Never a config that does not fit; raises
+    split), and the tile fits in shared memory; where that leaves fewer than two (a layer
+    too small to fill the GPU), also the grids within half the largest. Never a config that does not fit; raises
     when none does (kernel-check proves every supported GPU keeps several)."""
     fits = [c for c in configs if gemv_shared_bytes(c, x_bytes) <= props.max_shared_mem]
     if not fits:
         raise RuntimeError(f"no int4 GEMV config fits {props.max_shared_mem} bytes of shared memory")
-    kept = [c for c in fits
-            if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= max(k, c.kwargs["BLOCK_K"])
-            and (triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] >= props.sms or c.kwargs["SPLIT_K"] == 8)]
+
+    def programs(c):
+        return triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"]
+
+    split = [c for c in fits if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= max(k, c.kwargs["BLOCK_K"])]
+    kept = [c for c in split if programs(c) >= props.sms or c.kwargs["SPLIT_K"] == 8]
+    if len(kept) < 2 and split:
+        most = max(map(programs, split))
+        kept += [c for c in split if 2 * programs(c) >= most and c not in kept]
     return kept or fits[:1]
 
 
@@ -151,54 +172,145 @@ def prune_gemm(configs, named_args, props, **kwargs):
 
 
 @triton.jit
+def _unstack4(t, A: tl.constexpr, B: tl.constexpr):
+    """[A, B, 4] -> (t[..., 0], ..., t[..., 3]): the last axis lies in one thread's registers
+    (see int4_gemv_kernel), so this is register renaming, not data movement."""
+    even, odd = tl.split(tl.reshape(t, [A, B, 2, 2]))
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _unstack8(t, A: tl.constexpr, B: tl.constexpr):
+    """[A, B, 8] -> (t[..., 0], ..., t[..., 7]), like _unstack4."""
+    even, odd = tl.split(tl.reshape(t, [A, B, 2, 2, 2]))
+    e0, e1 = tl.split(even)
+    o0, o1 = tl.split(odd)
+    t0, t4 = tl.split(e0)
+    t2, t6 = tl.split(e1)
+    t1, t5 = tl.split(o0)
+    t3, t7 = tl.split(o1)
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _nibble(word, high, i: tl.constexpr, FAST_DEQUANT: tl.constexpr):
+    """Nibble i of each int32 word as an fp32 q in [0, 15] (high: word >> 20). Both branches
+    give the same, exact value (every q is an integer below 2^24)."""
+    if FAST_DEQUANT:
+        # The magic-number conversion: two instructions (lop3, fadd), no integer-to-float
+        # unit. The fp32 number 2^(23 - b) has an ulp of 2^-b and a zero mantissa, so ORing in
+        # the nibble q where it lies (bits b..b+3) makes the float 2^(23 - b) + q exactly, and
+        # subtracting 2^(23 - b) leaves q exactly. A mantissa holds bits 0..22: nibbles 0..4
+        # (b = 0..16) come from the word itself, 5..7 from word >> 20 (b = 0, 4, 8). lop3's
+        # lookup table 0xEA is (a & b) | c.
+        if i < 5:
+            b: tl.constexpr = 4 * i
+            src = word
+        else:
+            b: tl.constexpr = 4 * i - 20
+            src = high
+        bits = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+            [src, tl.full(src.shape, 15 << b, tl.int32), tl.full(src.shape, (150 - b) << 23, tl.int32)],
+            dtype=tl.int32, is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True) - float(1 << (23 - b))
+    else:
+        return ((word >> (4 * i)) & 0xF).to(tl.float32)
+
+
+@triton.jit
 def int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr = True, FAST_DEQUANT: tl.constexpr = True,
 ):
     # One program: BLOCK_N output features of one row of x, over every SPLIT_K-th K tile.
+    #
+    # A tile is [BLOCK_N, V] vectors of 16 bytes: 4 packed words, 32 consecutive weights of one
+    # row, which always lie in one group (the smallest group is 32). The words are loaded as a
+    # [BLOCK_N, V, 4] tensor, contiguous along the last axis, so each thread holds whole vectors
+    # (one 128-bit load each) and _unstack4 hands out its 4 words as [BLOCK_N, V] tensors in
+    # that same layout. x is loaded per word c in 16-byte chunks, [1, V, XC] (XC = 8 halves or
+    # 4 floats): the compiler lays such a load out like the words (V along the same lanes, XC
+    # in registers), so its unstacked [1, V] values broadcast along the rows with no layout
+    # conversion. Everything in the K loop is elementwise in one layout: no reduction, no
+    # shuffle, no shared memory.
+    #
+    # Per vector: p = sum x q (one FMA per weight, in a thread's registers), and with the
+    # vector's scale s and offset m (loaded once per row and vector: once per group, never per
+    # word) sum x (q s + m) = s p + m sum x: two FMAs per 32 weights, plus sum x, shared by
+    # every row a thread holds. The [BLOCK_N, V] accumulator is reduced once, after the loop.
+    #
+    # EVEN_K (the launcher's): K is a multiple of 32 and so are qweight's rows, whose stride is
+    # a multiple of 4 words: whole vectors and whole x chunks are in bounds or out together.
+    # Otherwise every word and column is masked on its own (odd shapes only; slower loads).
+    # FAST_DEQUANT: the magic-number nibble conversion of _nibble (inline PTX; the launcher
+    # turns it off under Triton's CPU interpreter, which cannot run PTX).
+    V: tl.constexpr = BLOCK_K // 32
+    XC: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    # Column 8j + i of a tile sits in word j, nibble i: keep the tile 3D as [n, j, i] so the
-    # packed words are loaded as they lie in memory (contiguous along K) and each nibble is
-    # a shift of the same register, with no reshuffle.
-    offs_j = tl.arange(0, BLOCK_K // 8)
-    shifts = 4 * tl.arange(0, 8)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    offs_v = tl.arange(0, V)
+    offs_c = tl.arange(0, 4)
+    offs_e = tl.arange(0, XC)
+    if EVEN_K:
+        stride_qn = tl.multiple_of(stride_qn, 4)
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros([BLOCK_N, V], dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        words_k = k0 // 8 + offs_j
-        k_cols = k0 + offs_j[:, None] * 8 + tl.arange(0, 8)[None, :]              # [BK/8, 8]
-        x = tl.load(x_ptr + row * stride_xm + k_cols, mask=k_cols < K, other=0.0).to(tl.float32)
-        # Padded words past K/8 hold q = 0 and x is 0 there: the mask only guards the buffer end.
-        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + words_k[None, :],
-                        mask=n_mask[:, None] & (words_k[None, :] * 8 < K), other=0,
-                        eviction_policy="evict_first")                               # read once
-        q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)    # [BN, BK/8, 8]
-        if GROUP_LEN >= BLOCK_K:
-            # The whole tile lies in one group (group lengths are powers of two or one group).
-            g = k0 // GROUP_LEN
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-            # sum_k x (q s + m) = s sum_k x q + m sum_k x: one FMA per weight, scale per row.
-            xq = tl.sum(tl.sum(q * x[None, :, :], axis=2), axis=1)
-            acc += s * xq + m * tl.sum(tl.sum(x, axis=1), axis=0)
+        # Word c of vector v is word k0 / 8 + 4 v + c of the row.
+        word = k0 // 8 + 4 * offs_v[None, :, None] + offs_c[None, None, :]              # [1, V, 4]
+        if EVEN_K:
+            w_mask = n_mask[:, None, None] & (k0 + 32 * offs_v[None, :, None] < K)
         else:
-            # Several groups per tile; GROUP_LEN is a multiple of 8, so word j is in one group.
-            g = (k0 + offs_j * 8) // GROUP_LEN
-            sm_mask = n_mask[:, None] & (words_k[None, :] * 8 < K)
-            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sm_mask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sm_mask, other=0.0).to(tl.float32)
-            w = q * s[:, :, None] + m[:, :, None]
-            acc += tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
+            # Words at or past column K hold q = 0 and meet x = 0: the mask guards the row end.
+            w_mask = n_mask[:, None, None] & (word * 8 < K)
+        words = tl.load(qw_ptr + offs_n[:, None, None] * stride_qn + word, mask=w_mask, other=0,
+                        eviction_policy="evict_first")                                   # read once
+        ws = _unstack4(words, BLOCK_N, V)
+        p = tl.zeros([BLOCK_N, V], dtype=tl.float32)
+        xsum = tl.zeros([1, V], dtype=tl.float32)
+        for c in tl.static_range(4):
+            high = ws[c] >> 20
+            for h in tl.static_range(8 // XC):
+                col = k0 + 32 * offs_v[None, :, None] + 8 * c + XC * h                        # [1, V, 1]
+                if EVEN_K:
+                    x_mask = col < K
+                else:
+                    x_mask = col + offs_e[None, None, :] < K
+                xh = tl.load(x_row + col + offs_e[None, None, :], mask=x_mask, other=0.0).to(tl.float32)
+                if XC == 8:
+                    xs = _unstack8(xh, 1, V)
+                else:
+                    xs = _unstack4(xh, 1, V)
+                for e in tl.static_range(XC):
+                    p += xs[e] * _nibble(ws[c], high, XC * h + e, FAST_DEQUANT)
+                    xsum += xs[e]
+        # Vector v is in group (k0 + 32 v) // GROUP_LEN = k0 // GROUP_LEN + 32 v // GROUP_LEN: for a
+        # power-of-two GROUP_LEN up to BLOCK_K, k0 is a multiple of it; for a longer group the
+        # vectors of a tile never straddle two (k0 % GROUP_LEN + 32 v < GROUP_LEN); one group per
+        # row (any length) is group 0 throughout. The [BLOCK_N, V] scale tile is built apart
+        # from the word indices so the compiler lays it out like the accumulator: each thread
+        # loads one scale and offset per row and vector it holds, whatever the group length.
+        sm = offs_n[:, None] * stride_sn + (k0 // GROUP_LEN + (32 * offs_v[None, :]) // GROUP_LEN)
+        sm_mask = n_mask[:, None] & (32 * offs_v[None, :] < K - k0)
+        s = tl.load(s_ptr + sm, mask=sm_mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + sm, mask=sm_mask, other=0.0).to(tl.float32)
+        acc += s * p
+        acc += m * xsum
+    out = tl.sum(acc, axis=1)
     out_ptrs = out_ptr + row * stride_om + offs_n
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc, mask=n_mask)
+        tl.store(out_ptrs, out, mask=n_mask)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=n_mask, sem="relaxed")
+        tl.atomic_add(out_ptrs, out, mask=n_mask, sem="relaxed")
 
 
 @triton.jit

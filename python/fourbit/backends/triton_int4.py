@@ -114,7 +114,11 @@ def int4_mm(x, qweight, scales, offsets, group_len: int, bias=None, path: str = 
     args = (x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0))
     if path == "gemv":
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
-        gemv_kernel[grid](*args, GROUP_LEN=group_len)
+        # EVEN_K: whole 16-byte vectors of words and of x are in bounds together (K and the
+        # qweight row stride in whole vectors); FAST_DEQUANT: the inline-PTX nibble conversion,
+        # which Triton's CPU interpreter cannot run (int4_gemv_kernel).
+        even_k = k % 32 == 0 and qweight.stride(0) % 4 == 0
+        gemv_kernel[grid](*args, GROUP_LEN=group_len, EVEN_K=even_k, FAST_DEQUANT=not interpreted())
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         # fp32 activations take exact fp32 products (not tf32). Triton's interpreter

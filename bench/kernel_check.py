@@ -40,6 +40,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# Exact imports keep fp32 offsets (and Q4_K fp32 scales) beside 16-bit activations
+# (python/fourbit/format.py): the int4 kernels are also compiled with fp16 x and fp32 scales
+# and offsets, at group length 32, the branch that stages scale tiles (bf16 x is the same size).
+MIXED = {"fp16+fp32sm": ("fp16", "fp32")}
 # Group lengths: 32 takes the several-groups-per-tile branch of every GEMM/GEMV tile wider
 # than 32 (scales and offsets loaded per word: the heavier branch), 4096 the one-group branch.
 GROUP_LENS = (32, 4096)
@@ -89,26 +93,11 @@ def _jobs():
         for dtype, size in DTYPES.items():
             t = f"*{dtype}"
             io_ptrs = {"x_ptr": t, "qw_ptr": "*i32", "s_ptr": t, "m_ptr": t, "out_ptr": "*fp32"}
-            for group_len in GROUP_LENS:
-                # GEMM: every config of x's dtype the pruner may keep (fits by its estimate).
-                for c in mm.gemm_configs_for(mm.gemm_configs(), size):
-                    kw = c.kwargs
-                    if mm.gemm_shared_bytes(c, size, group_len) > props.max_shared_mem:
-                        continue
-                    ce = {"GROUP_LEN": group_len, "FP32_DOT": dtype == "fp32", **kw}
-                    label = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} sk{SPLIT_K}".format(**kw)
-                    label += f" w{c.num_warps} s{c.num_stages}"
-                    add("int4_gemm", mm.int4_gemm_kernel, device, dtype, ce, c.num_warps, c.num_stages,
-                        mm.gemm_shared_bytes(c, size, group_len), f"{label} g{group_len}", io_ptrs)
-                for c in mm.gemv_configs():
-                    kw = c.kwargs
-                    if mm.gemv_shared_bytes(c, size) > props.max_shared_mem:
-                        continue
-                    # The launch on a GPU: whole vectors in bounds (K % 32 == 0), PTX nibble conversion.
-                    ce = {"GROUP_LEN": group_len, "EVEN_K": True, "FAST_DEQUANT": True, **kw}
-                    label = "{BLOCK_N}x{BLOCK_K} sk{SPLIT_K}".format(**kw) + f" w{c.num_warps} s{c.num_stages}"
-                    add("int4_gemv", mm.int4_gemv_kernel, device, dtype, ce, c.num_warps, c.num_stages,
-                        mm.gemv_shared_bytes(c, size), f"{label} g{group_len}", io_ptrs)
+            _int4_jobs(add, mm, device, dtype, size, size, io_ptrs, GROUP_LENS)
+            for label, (x, sm) in MIXED.items():
+                if x == dtype:
+                    ptrs = {**io_ptrs, "s_ptr": f"*{sm}", "m_ptr": f"*{sm}"}
+                    _int4_jobs(add, mm, device, label, size, DTYPES[sm], ptrs, (32,))
             add("int4_dequantize", mm.int4_dequantize_kernel, device, dtype,
                 {"GROUP_LEN": 32, "BLOCK_N": 16, "BLOCK_K": 128}, 4, 3, None, "16x128 w4",
                 {"qw_ptr": "*i32", "s_ptr": t, "m_ptr": t, "w_ptr": t})
@@ -136,6 +125,34 @@ def _jobs():
                     {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": 64, "BLOCK_N": bn}, 4, 3, None,
                     f"D{head_dim} S64", {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": t, "sl_ptr": "*i32"})
     return jobs
+
+
+def _int4_jobs(add, mm, device: str, dtype: str, size: int, s_size: int, io_ptrs: dict, group_lens) -> None:
+    """The int4 GEMM and GEMV compiles of one activation dtype (size bytes) with scales and
+    offsets of s_size bytes: every config the pruner may keep (fits by its estimate)."""
+    from fourbit.backends import devices
+
+    props = devices.RECORDED[device]
+    for group_len in group_lens:
+        for c in mm.gemm_configs_for(mm.gemm_configs(), size):
+            kw = c.kwargs
+            estimate = mm.gemm_shared_bytes(c, size, group_len, s_size)
+            if estimate > props.max_shared_mem:
+                continue
+            ce = {"GROUP_LEN": group_len, "FP32_DOT": size == 4, **kw}
+            label = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} sk{SPLIT_K}".format(**kw) + f" w{c.num_warps} s{c.num_stages}"
+            add("int4_gemm", mm.int4_gemm_kernel, device, dtype, ce, c.num_warps, c.num_stages, estimate,
+                f"{label} g{group_len}", io_ptrs)
+        for c in mm.gemv_configs():
+            kw = c.kwargs
+            estimate = mm.gemv_shared_bytes(c, size, s_size)
+            if estimate > props.max_shared_mem:
+                continue
+            # The launch on a GPU: whole vectors in bounds (K % 32 == 0), PTX nibble conversion.
+            ce = {"GROUP_LEN": group_len, "EVEN_K": True, "FAST_DEQUANT": True, **kw}
+            label = "{BLOCK_N}x{BLOCK_K} sk{SPLIT_K}".format(**kw) + f" w{c.num_warps} s{c.num_stages}"
+            add("int4_gemv", mm.int4_gemv_kernel, device, dtype, ce, c.num_warps, c.num_stages, estimate,
+                f"{label} g{group_len}", io_ptrs)
 
 
 def _fn(job):
@@ -214,19 +231,22 @@ def _check_selection(failures):
 
     counts = {}
     for device, props in devices.RECORDED.items():
-        for dtype, size in DTYPES.items():
+        variants = [(dtype, size, size) for dtype, size in DTYPES.items()] + \
+            [(label, DTYPES[x], DTYPES[sm]) for label, (x, sm) in MIXED.items()]
+        for dtype, size, s_size in variants:
             for group_len in (32, 64, 128, 256, 4096):
                 for n in (512, 1000, 4096, 11008, 14336, 128256):
                     for k in (576, 4096, 14336):
-                        kept = mm.select_gemv(mm.gemv_configs(), n, k, size, props)
+                        kept = mm.select_gemv(mm.gemv_configs(), n, k, size, props, s_size)
                         counts.setdefault((device, "int4_gemv"), set()).update(map(str, kept))
                     for m_bucket in (8, 16, 32, 64, 128, 256, 512):
                         try:
-                            kept = mm.select_gemm(mm.gemm_configs(), m_bucket, n, size, group_len, props)
+                            kept = mm.select_gemm(mm.gemm_configs(), m_bucket, n, size, group_len, props, s_size)
                         except RuntimeError as e:
                             failures.append(f"int4_gemm {device} {dtype} M_BUCKET={m_bucket} N={n}: {e}")
                             continue
-                        bad = [c for c in kept if mm.gemm_shared_bytes(c, size, group_len) > props.max_shared_mem]
+                        bad = [c for c in kept
+                               if mm.gemm_shared_bytes(c, size, group_len, s_size) > props.max_shared_mem]
                         if bad:
                             failures.append(f"int4_gemm {device} {dtype}: pruner kept non-fitting {bad}")
                         counts.setdefault((device, "int4_gemm"), set()).update(map(str, kept))

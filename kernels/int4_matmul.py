@@ -53,24 +53,28 @@ def gemv_configs():
             for bn, bk in GEMV_TILES for sk in (1, 2, 4, 8)]
 
 
-def gemv_shared_bytes(config, x_bytes: int) -> int:
+# Scales and offsets need not share x's dtype (format.py: exact imports keep fp32 offsets
+# beside fp16 scales): the estimates take s_bytes, the wider of the two element sizes
+# (default x_bytes), and the pruners read it from the launch's s_ptr and m_ptr.
+
+def gemv_shared_bytes(config, x_bytes: int, s_bytes: int | None = None) -> int:
     """An upper bound on the shared memory of a GEMV config (proved against the compiled
     kernels by `make kernel-check`): the K loop exchanges nothing between threads (the
     compiled kernels use a few hundred bytes, for the one reduction after it), so this is
     what a software pipeline could stage per stage (the x tile, the packed words, one scale
     and offset per row and vector), plus the final reduction's scratch."""
     bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    per_stage = bk * x_bytes + bn * bk // 2 + 2 * bn * (bk // 32) * x_bytes
+    per_stage = bk * x_bytes + bn * bk // 2 + 2 * bn * (bk // 32) * (s_bytes or x_bytes)
     return config.num_stages * per_stage + 4 * bn * (bk // 32)
 
 
-def select_gemv(configs, n: int, k: int, x_bytes: int, props):
+def select_gemv(configs, n: int, k: int, x_bytes: int, props, s_bytes: int | None = None):
     """The GEMV configs worth timing for an [N, K] weight on a GPU `props`: every split
     gets at least one K tile, the grid fills the GPU (one program per SM, or the deepest
     split), and the tile fits in shared memory; where that leaves fewer than two (a layer
     too small to fill the GPU), also the grids within half the largest. Never a config that does not fit; raises
     when none does (kernel-check proves every supported GPU keeps several)."""
-    fits = [c for c in configs if gemv_shared_bytes(c, x_bytes) <= props.max_shared_mem]
+    fits = [c for c in configs if gemv_shared_bytes(c, x_bytes, s_bytes) <= props.max_shared_mem]
     if not fits:
         raise RuntimeError(f"no int4 GEMV config fits {props.max_shared_mem} bytes of shared memory")
 
@@ -123,7 +127,7 @@ def gemm_configs_for(configs, x_bytes: int):
     return [c for c in configs if _shape(c) in shapes]
 
 
-def gemm_shared_bytes(config, x_bytes: int, group_len: int) -> int:
+def gemm_shared_bytes(config, x_bytes: int, group_len: int, s_bytes: int | None = None) -> int:
     """An upper bound on the shared memory of a GEMM config (proved against the compiled
     kernels by `make kernel-check`): per pipeline stage an x tile and a tile of int32 words
     (one word per weight position, as the kernel loads them; see int4_gemm_kernel), and
@@ -131,18 +135,18 @@ def gemm_shared_bytes(config, x_bytes: int, group_len: int) -> int:
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     per_stage = bm * bk * x_bytes + bk * bn * 4
     if group_len < bk:
-        per_stage += 2 * bk * bn * x_bytes
+        per_stage += 2 * bk * bn * (s_bytes or x_bytes)
     return config.num_stages * per_stage
 
 
-def select_gemm(configs, m_bucket: int, n: int, x_bytes: int, group_len: int, props):
+def select_gemm(configs, m_bucket: int, n: int, x_bytes: int, group_len: int, props, s_bytes: int | None = None):
     """The GEMM configs worth timing for M rows (M_BUCKET: M rounded up to a power of two)
     against an [N, K] weight on a GPU `props`: the tiles of x's dtype, tiles no taller than M needs, split-K only
     where the tile grid alone would not fill the GPU, and pipelines that fit in shared
     memory. Never a config that does not fit; raises when none does (kernel-check proves
     every supported GPU keeps several for every M)."""
     fits = [c for c in gemm_configs_for(configs, x_bytes)
-            if gemm_shared_bytes(c, x_bytes, group_len) <= props.max_shared_mem]
+            if gemm_shared_bytes(c, x_bytes, group_len, s_bytes) <= props.max_shared_mem]
     if not fits:
         raise RuntimeError(f"no int4 GEMM config fits {props.max_shared_mem} bytes of shared memory")
     kept = []
@@ -154,13 +158,18 @@ def select_gemm(configs, m_bucket: int, n: int, x_bytes: int, group_len: int, pr
         if sk > 1 and tiles >= props.sms:
             continue
         kept.append(c)
-    return kept or [min(fits, key=lambda c: (c.kwargs["BLOCK_M"], gemm_shared_bytes(c, x_bytes, group_len)))]
+    return kept or [min(fits, key=lambda c: (c.kwargs["BLOCK_M"], gemm_shared_bytes(c, x_bytes, group_len, s_bytes)))]
+
+
+def _s_bytes(named_args) -> int:
+    return max(named_args["s_ptr"].element_size(), named_args["m_ptr"].element_size())
 
 
 def prune_gemv(configs, named_args, props, **kwargs):
     """triton.autotune's early_config_prune (the launcher binds the launch's device to
     props; constexpr arguments such as GROUP_LEN arrive in kwargs)."""
-    return select_gemv(configs, named_args["N"], named_args["K"], named_args["x_ptr"].element_size(), props)
+    return select_gemv(configs, named_args["N"], named_args["K"], named_args["x_ptr"].element_size(), props,
+                       _s_bytes(named_args))
 
 
 def prune_gemm(configs, named_args, props, **kwargs):
@@ -168,7 +177,7 @@ def prune_gemm(configs, named_args, props, **kwargs):
     props; constexpr arguments such as GROUP_LEN arrive in kwargs)."""
     group_len = kwargs.get("GROUP_LEN", named_args.get("GROUP_LEN"))
     return select_gemm(configs, named_args["M_BUCKET"], named_args["N"], named_args["x_ptr"].element_size(),
-                       group_len, props)
+                       group_len, props, _s_bytes(named_args))
 
 
 @triton.jit

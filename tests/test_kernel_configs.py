@@ -53,6 +53,23 @@ def test_gemm_pruner_keeps_only_fitting_configs(mm, layer, group_len, dtype, gpu
 
 
 @pytest.mark.parametrize("gpu", GPUS.values(), ids=GPUS.keys())
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_pruners_count_fp32_scales_and_offsets_beside_16_bit_x(mm, x_dtype, gpu):
+    """Exact imports keep fp32 offsets beside fp16 scales (format version 2): the pruners
+    read the wider element size from the launch's s_ptr / m_ptr, and at group 32 (scale tiles
+    staged per stage) keep only what fits with 4-byte scale tiles."""
+    x = torch.empty(1, 4096, dtype=x_dtype)
+    args = {"x_ptr": x, "s_ptr": torch.empty(0, dtype=torch.float16), "m_ptr": torch.empty(0, dtype=torch.float32),
+            "N": 4096, "K": 4096, "M_BUCKET": 256}
+    kept = mm.prune_gemm(mm.gemm_configs(), args, gpu, GROUP_LEN=32)
+    assert kept and all(mm.gemm_shared_bytes(c, 2, 32, 4) <= gpu.max_shared_mem for c in kept)
+    wide = [c for c in mm.gemm_configs_for(mm.gemm_configs(), 2) if c.kwargs["BLOCK_K"] > 32]
+    assert all(mm.gemm_shared_bytes(c, 2, 32, 4) > mm.gemm_shared_bytes(c, 2, 32) for c in wide)
+    kept = mm.prune_gemv(mm.gemv_configs(), args, gpu, GROUP_LEN=32)
+    assert kept and all(mm.gemv_shared_bytes(c, 2, 4) <= gpu.max_shared_mem for c in kept)
+
+
+@pytest.mark.parametrize("gpu", GPUS.values(), ids=GPUS.keys())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_every_gpu_keeps_several_gemm_candidates(mm, dtype, gpu):
     """Small tiles and 2-stage pipelines: even the 99 KB parts time more than one config

@@ -5,7 +5,8 @@
 
 Shapes are the linear layers of real models (fourbit.models.llama.CONFIGS). Providers:
 "torch" (the dense matmul in the activation dtype: the baseline), "tinygemm" (torch's own
-int4 kernel), fourbit's backends, "fourbit-auto" (what int4_linear picks), and on a GPU the
+int4 kernel, on its fast path: bf16 activations and scales; on the CPU "tinygemm-fp32" is
+the same kernel called with fp32, its slow path, a labelled extra row), fourbit's backends, "fourbit-auto" (what int4_linear picks), and on a GPU the
 Triton paths forced one by one (to place the GEMV / GEMM / dense crossovers). Each result's
 extra_info holds µs, the bytes that must move, GB/s, % of the copy bandwidth, TFLOP/s, the
 speedup over the baseline measured just before it in the same run, and the environment.
@@ -36,9 +37,11 @@ elif DEVICE.type == "cuda":
     ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]
     DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 else:
+    # bf16 as well as fp32: with AVX-512 BF16 torch's dense bf16 matmul is about twice its
+    # fp32 one, and torch's int4 kernel is fast only with bf16.
     SHAPES = {**model_shapes("smollm2-135m"), "4096x4096": (4096, 4096), "4096x11008": (4096, 11008)}
-    ROWS = [1, 16, 64]
-    DTYPES = {"fp32": torch.float32}
+    ROWS = [1, 4, 16, 64]
+    DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 if DEVICE.type == "cuda":
     # fourbit-triton is what "auto" runs inside the Triton backend; the -gemv/-gemm/-dense
@@ -46,7 +49,7 @@ if DEVICE.type == "cuda":
     PROVIDERS = ["torch", "tinygemm", "fourbit-auto", "fourbit-triton", "fourbit-cuda", "fourbit-triton-gemv",
                  "fourbit-triton-gemm", "fourbit-triton-dense"]
 else:
-    PROVIDERS = ["torch", "tinygemm", "fourbit-cpu"]
+    PROVIDERS = ["torch", "tinygemm", "tinygemm-fp32", "fourbit-cpu"]
 
 
 def measured(provider: str, k: int, m: int, dtype: torch.dtype) -> str | None:
@@ -59,9 +62,11 @@ def measured(provider: str, k: int, m: int, dtype: torch.dtype) -> str | None:
         backend = provider.split("-")[1]
         if backend != "auto" and backend not in fourbit.available_backends(DEVICE):
             return f"backend {backend!r} is not available here"
-    if provider == "tinygemm" and DEVICE.type == "cuda" and dtype != torch.bfloat16:
-        return "torch's int4 CUDA kernel takes bf16 only"
-    if provider == "tinygemm" and k % GROUP:
+    if provider == "tinygemm" and dtype != torch.bfloat16:
+        return "torch's int4 kernel is measured on its fast path, bf16 (tinygemm-fp32: its fp32 call)"
+    if provider == "tinygemm-fp32" and dtype != torch.float32:
+        return "the fp32 call of torch's int4 CPU kernel, an fp32 row only"
+    if provider.startswith("tinygemm") and k % GROUP:
         return f"torch's int4 kernel needs K divisible by the group size {GROUP}"
     return None
 
@@ -72,7 +77,7 @@ def make_call(provider: str, x: torch.Tensor, n: int, k: int):
     if provider == "torch":
         w = torch.randn(n, k, device=DEVICE, dtype=dtype)
         return (lambda: x @ w.T), w.numel() * w.element_size()
-    if provider == "tinygemm":
+    if provider.startswith("tinygemm"):
         if DEVICE.type == "cuda":
             q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE)
             packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)

@@ -5,6 +5,7 @@
     fourbit generate --model M --prompt P
     fourbit eval --model M [--text FILE] perplexity over 512-token windows
     fourbit quantize SRC OUT [--group-size G] [--symmetric] [--skip PATTERN ...]
+                     [--method rtn|gptq|awq] [--calibration FILE] [--act-order]
                                          write a quantized model directory load_model reads
     fourbit convert SRC OUT --to compressed-tensors|fourbit [--dense-fallback]
                                          rewrite a model directory in another format, exactly
@@ -31,7 +32,8 @@ from .generate import generate
 from .models import load_model, load_tokenizer, resolve_source, save_model
 from .nn import Int4Linear
 from .ops import BACKENDS
-from .quantize import Int4WeightOnlyConfig
+from .quantize import CALIBRATED_METHODS, Int4WeightOnlyConfig
+from .quantizers import default_calibration_text
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_QUESTION = "What is the capital of France, and what is it famous for?"
@@ -106,7 +108,17 @@ def eval_cmd(args) -> None:
 
 
 def quantize_cmd(args) -> None:
-    model = load_model(args.src, device="cpu", quantize=args.config)
+    calibration = None
+    if args.config is not None and args.config.method in CALIBRATED_METHODS:
+        if args.calibration:
+            calibration = Path(args.calibration).read_text(encoding="utf-8", errors="replace")
+        else:
+            calibration = default_calibration_text()
+        source = args.calibration or "the docstrings of the Python standard library"
+        print(f"calibrating {args.config.method} on {source}")
+    elif args.calibration:
+        args.parser.error("argument --calibration: only --method gptq or awq uses calibration text")
+    model = load_model(args.src, device="cpu", quantize=args.config, calibration=calibration)
     _check_kept_int4(model, args, args.src)
     out = save_model(model, args.out, load_tokenizer(args.src))
     print(f"wrote {out}: load it with fourbit.load_model({str(out)!r})")
@@ -420,6 +432,10 @@ def _config(args, parser) -> Int4WeightOnlyConfig | None:
     if args.group_size is None:
         args.group_size = args.default_group_size
     options = {"symmetric": True} if args.symmetric else {}
+    if getattr(args, "method", "rtn") != "rtn":
+        options["method"] = args.method
+    if getattr(args, "act_order", False):
+        options["act_order"] = True
     if args.skip is not None:
         options["skip"] = tuple(args.skip)
     if not args.group_size:
@@ -429,7 +445,8 @@ def _config(args, parser) -> Int4WeightOnlyConfig | None:
     try:
         return Int4WeightOnlyConfig(group_size=args.group_size, **options)
     except (TypeError, ValueError) as error:
-        parser.error(f"argument --group-size: {error}")
+        flag = "--act-order" if "act_order" in str(error) else "--group-size"
+        parser.error(f"argument {flag}: {error}")
 
 
 def main(argv=None) -> None:
@@ -483,6 +500,12 @@ def main(argv=None) -> None:
     quantize_args(p, 128, "group size of the float layers: 32, 64, 128 (default), 256 or -1 (one group per "
                   "row); int4 layers of the source are kept as they are, and asking for another group size "
                   "for them is an error")
+    p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn",
+                   help="rtn: round to nearest (default); gptq: GPTQ; awq: activation-aware scales, then GPTQ "
+                        "(both calibrate on --calibration, layer by layer)")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="calibration text for gptq / awq (default: the Python standard library's docstrings)")
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize input channels by descending activity")
     p.set_defaults(func=quantize_cmd)
 
     p = sub.add_parser("convert", help="rewrite a model in another checkpoint format, exactly")

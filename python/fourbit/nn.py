@@ -19,7 +19,8 @@ from .format import (
 )
 from .kv_cache import PagedBatch
 from .ops import check_activation, linear, paged_attention, paged_prefill_attention, write_kv
-from .quantize import Int4WeightOnlyConfig, as_config, quantize_weight
+from .quantize import CALIBRATED_METHODS, Int4WeightOnlyConfig, as_config, quantize_weight
+from .quantizers import calibration_ids, quantize_calibrated
 
 
 class Int4Linear(nn.Module):
@@ -277,20 +278,31 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, **options) -> nn.Module:
+def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, calibration=None,
+              tokenizer=None, **options) -> nn.Module:
     """Replace, in place, the nn.Linear layers of model that config quantizes with Int4Linear.
 
     Args:
-        model: any nn.Module; its linear layers are quantized on the device they are on.
+        model: any nn.Module; its linear layers are quantized on the device they are on. The
+            calibrated methods run model(token_ids [B, T]) and quantize the layers of its
+            decoder-layer list (the nn.ModuleList holding the linears) one layer at a time.
         config: an Int4WeightOnlyConfig (or a dict of its fields); default Int4WeightOnlyConfig().
+        calibration: method "gptq" / "awq" only (and required there): token ids, an integer
+            tensor [S, T] (S sequences of T tokens), or text (a str or a list of str) that
+            `tokenizer` encodes, cut into up to 128 sequences of 512 tokens.
+        tokenizer: with text calibration, an object with encode(text) -> list[int], such as
+            fourbit.load_tokenizer(source).
         **options: instead of config, its fields as keywords: group_size (int, default 128),
             symmetric (bool), skip (fnmatch patterns, default ("lm_head",)), backend (str,
-            default "auto"), filter (callable (name, module) -> bool), method (str, "rtn").
+            default "auto"), filter (callable (name, module) -> bool), method (str, "rtn",
+            "gptq" or "awq"), act_order, percdamp, awq_rounding.
     Returns:
         model, with Int4Linear layers in place of the replaced ones.
     Raises:
-        TypeError: both a config and keywords, or an unknown keyword (named).
-        ValueError: an impossible value (named), as Int4WeightOnlyConfig raises it.
+        TypeError: both a config and keywords, or an unknown keyword (named); calibration of
+            another type, or text without a tokenizer.
+        ValueError: an impossible value (named), as Int4WeightOnlyConfig raises it; a calibrated
+            method without calibration, or calibration with method "rtn".
     """
     if config is not None and options:
         raise TypeError(f"quantize_ takes a config or keywords, not both (got a config and {sorted(options)})")
@@ -299,6 +311,23 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, **op
         raise TypeError("quantize_ takes a model containing linear layers; use Int4Linear.from_linear "
                         "for a single nn.Linear")
     targets = linear_targets(model, config)
+    if config.method in CALIBRATED_METHODS:
+        if calibration is None:
+            raise ValueError(f"method {config.method!r} needs calibration data: quantize_(model, config, "
+                             f"calibration=token_ids [S, T] or texts, tokenizer=...)")
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        ids = calibration_ids(calibration, tokenizer, vocab_size)
+
+        def replace(name, linear, weight):
+            module = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, config.group_size,
+                                config.symmetric, dtype=linear.weight.dtype, device="meta", backend=config.backend)
+            module.load_weight(weight, linear.bias)
+            _set_submodule(model, name, module)
+
+        quantize_calibrated(model, config, targets, ids, replace)
+        return model
+    if calibration is not None:
+        raise ValueError("calibration data is for the calibrated methods ('gptq', 'awq'); method 'rtn' uses none")
     for name in tqdm(targets, desc="quantize_", unit="layer", disable=True if len(targets) < 16 else None):
         layer = model.get_submodule(name)
         _set_submodule(model, name, Int4Linear.from_linear(layer, group_size=config.group_size,

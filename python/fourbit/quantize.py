@@ -1,4 +1,5 @@
-"""How float weights become Int4Weight: round to nearest with per-group min/max; and
+"""How float weights become Int4Weight: round to nearest with per-group min/max (here), GPTQ
+and activation-aware scaling on calibration data (fourbit.quantizers); and
 Int4WeightOnlyConfig, which says how, and which linear layers of a model are quantized."""
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
     return Int4Weight(pack_int4(q), scales, offsets, group_size, (n, k), symmetric)
 
 
-METHODS = ("rtn",)
-PLANNED_METHODS = ("gptq", "awq")
+METHODS = ("rtn", "gptq", "awq")
+CALIBRATED_METHODS = ("gptq", "awq")
+AWQ_ROUNDINGS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,16 @@ class Int4WeightOnlyConfig:
             whose qualified name, or its last component, matches one stays float.
         filter: None, or a callable (name: str, module: nn.Linear) -> bool; a layer is
             quantized only where it returns True (and no skip pattern matches).
-        method: str, how weights are rounded: "rtn" (round to nearest). "gptq" and "awq"
-            are planned and raise NotImplementedError for now.
+        method: str, how weights are rounded: "rtn" (round to nearest, per-group min/max:
+            float offsets), "gptq" (GPTQ on calibration data) or "awq" (activation-aware
+            scales searched on calibration data and folded into the preceding norms and
+            linears, then rounded by awq_rounding). "gptq" and "awq" need calibration data
+            (quantize_(..., calibration=...)) and use integer zero points (m = -z * s), so
+            their layers export to compressed-tensors exactly.
+        act_order: bool, "gptq" (or awq_rounding "gptq") only: quantize input channels by
+            descending Hessian diagonal; the layers keep the order as their perm.
+        percdamp: float in [0, 1], GPTQ's damping as a fraction of the Hessian's mean diagonal.
+        awq_rounding: str, "awq" only: how the scaled weights are rounded, "rtn" or "gptq".
     """
 
     group_size: int = 128
@@ -161,6 +171,9 @@ class Int4WeightOnlyConfig:
     skip: tuple[str, ...] = ("lm_head",)
     filter: Callable[[str, nn.Module], bool] | None = None
     method: str = "rtn"
+    act_order: bool = False
+    percdamp: float = 0.01
+    awq_rounding: str = "gptq"
 
     def __post_init__(self):
         check_group_size(self.group_size)
@@ -173,11 +186,19 @@ class Int4WeightOnlyConfig:
         object.__setattr__(self, "skip", skip)
         if self.filter is not None and not callable(self.filter):
             raise TypeError(f"filter must be None or a callable (name, module) -> bool, got {self.filter!r}")
-        if self.method in PLANNED_METHODS:
-            raise NotImplementedError(f"method {self.method!r} is not implemented yet; "
-                                      f"choose one of {METHODS}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if not isinstance(self.act_order, bool):
+            raise TypeError(f"act_order must be True or False, got {self.act_order!r}")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or \
+                not 0 <= self.percdamp <= 1:
+            raise ValueError(f"percdamp must be a number in [0, 1], got {self.percdamp!r}")
+        if self.awq_rounding not in AWQ_ROUNDINGS:
+            raise ValueError(f"unknown awq_rounding {self.awq_rounding!r}; choose one of {AWQ_ROUNDINGS}")
+        if self.act_order and not (self.method == "gptq" or self.method == "awq" and self.awq_rounding == "gptq"):
+            raise ValueError(f"act_order applies to GPTQ rounding (method 'gptq', or 'awq' with awq_rounding "
+                             f"'gptq'), not method {self.method!r}" + (" with awq_rounding 'rtn'"
+                                                                      if self.method == "awq" else ""))
 
     @classmethod
     def from_dict(cls, options: Mapping) -> Int4WeightOnlyConfig:

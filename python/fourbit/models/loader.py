@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_quantized, save_quantized, write_text_atomic
 from ..format import COMPUTE_DTYPES, Int4Weight, can_concat_rows, concat_rows, with_common_dtypes
-from ..nn import ConcatLinear, Int4Linear
-from ..quantize import Int4WeightOnlyConfig, as_config, quantize_weight
+from ..nn import ConcatLinear, Int4Linear, quantize_
+from ..quantize import CALIBRATED_METHODS, Int4WeightOnlyConfig, as_config, quantize_weight
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint, is_fourbit_checkpoint, read_config
 from .llama import LAYER_BIASES, LAYER_TENSORS, Llama, LlamaConfig, rope_inv_freq
@@ -224,7 +224,7 @@ def _quantize_option(quantize) -> Int4WeightOnlyConfig | bool | None:
 
 
 def load_model(source, device=None, dtype: torch.dtype | None = None,
-               quantize: Int4WeightOnlyConfig | dict | bool | None = None) -> Llama:
+               quantize: Int4WeightOnlyConfig | dict | bool | None = None, calibration=None) -> Llama:
     """Load a Llama-family model (Llama 1-3, Mistral, Qwen2, SmolLM2) for inference.
 
     Args:
@@ -239,6 +239,10 @@ def load_model(source, device=None, dtype: torch.dtype | None = None,
             layers it selects (skip, filter) while loading, and every Int4Linear the loader
             makes gets its backend; False dequantizes int4 layers too (a float baseline).
             The tied lm_head of a model that ties it to the embeddings stays float.
+            A calibrated method ("gptq", "awq") loads the model first, then quantizes its float
+            linear layers layer by layer (fourbit.quantize_); int4 layers of the source stay.
+        calibration: with a calibrated method (required there): token ids [S, T], or text (a
+            str or list of str) encoded with the source's own tokenizer.
     Raises:
         TypeError, ValueError: a quantize of another type, an unknown dict key or an
             impossible value, each named (see Int4WeightOnlyConfig).
@@ -254,6 +258,16 @@ def load_model(source, device=None, dtype: torch.dtype | None = None,
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     _check_dtype(dtype)
     quantize = _quantize_option(quantize)
+    if isinstance(quantize, Int4WeightOnlyConfig) and quantize.method in CALIBRATED_METHODS:
+        if calibration is None:
+            raise ValueError(f"method {quantize.method!r} needs calibration data: load_model(..., calibration=token "
+                             f"ids [S, T] or text)")
+        tokenizer = None if isinstance(calibration, torch.Tensor) else load_tokenizer(source)
+        model = load_model(source, device, dtype)
+        return quantize_(model, quantize, calibration=calibration, tokenizer=tokenizer)
+    if calibration is not None:
+        raise ValueError("calibration data is for the calibrated methods ('gptq', 'awq'); give quantize="
+                         "Int4WeightOnlyConfig(method='gptq') or 'awq'")
     path = resolve_source(source)
     if path.is_dir() and is_fourbit_checkpoint(path):
         with torch.device("meta"):

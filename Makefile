@@ -23,7 +23,7 @@ LINT_PATHS := python kernels tests bench setup.py $(wildcard csrc/*.py)
 # Results go to $OUT when the device tool sets it, else to bench/results/.
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: demo test lint bench bench-slow bench-smoke cuda-check kernel-check gpu-check clean \
+.PHONY: demo test lint bench bench-slow bench-smoke cuda-check kernel-check kernel-figures gpu-check clean \
         peer-venv peer-fixtures peer-test vllm-venv vllm-test
 
 demo: $(VENV)/.built
@@ -86,6 +86,15 @@ cuda-check: $(VENV)/.deps
 # bench/results/kernels-static.{md,json}, which also caches results by kernel source hash.
 kernel-check: $(VENV)/.built
 	$(PY) bench/kernel_check.py
+
+# The decode kernels' main loops in compiled form, before (24e6c08) and after their rework
+# (issue 12): instructions per 16 bytes of weights, loads and bytes in flight, roofline
+# estimates; static figures from ptxas and the SASS, no GPU (a few minutes on 2 cores).
+kernel-figures: $(VENV)/.built
+	{ echo "# The decode kernels in compiled form (static estimates, no GPU)"; echo; \
+	  $(PY) bench/gemv_figures.py --config 32x256x4 --config 128x256x4; echo; \
+	  $(PY) bench/cuda_int4_figures.py; echo; $(PY) bench/cuda_attention_figures.py; } > $(RESULTS)/kernels-lean.md.tmp
+	mv $(RESULTS)/kernels-lean.md.tmp $(RESULTS)/kernels-lean.md
 
 # One call on a GPU machine (preinstalled torch, no network), under 9 minutes on an H100:
 # build the CUDA extension with that torch (for this GPU's architecture only), run every CUDA

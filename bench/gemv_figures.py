@@ -247,7 +247,30 @@ def main() -> int:
         cross = ", ".join(f"{n} {k}" for k, n in sorted(r["cross"].items())) or "none"
         print(f"| sm_{arch} | {kernel} | {bn}x{bk}, {sk} | {r['loop']} | {r['per16']:.0f} | {r['registers']} | "
               f"{r['local']} | {cross} | {_ops_text(r['ops'])} |")
+    _roofline([(kernel, config, r) for arch, kernel, config, r in rows if arch == 90 and "error" not in r])
     return 0
+
+
+# H100 SXM: 132 SMs, 4 warp schedulers per SM issuing one instruction per clock each at
+# about 1.98 GHz boost, 3.35 TB/s of HBM3 (published figures, not measured here).
+H100 = {"sms": 132, "issue_per_clk": 4, "clock_hz": 1.98e9, "hbm_bytes_s": 3.35e12}
+
+
+def _roofline(rows) -> None:
+    """Issue-bound ceiling of the GEMV on an H100 from the loop's instruction count: a warp
+    streams 32 x 16 bytes per `per16` instructions; the SMs issue sms x issue_per_clk warp
+    instructions per clock. Latency and occupancy are left out: a ceiling, not a forecast."""
+    if not rows:
+        return
+    print("\nIssue-bound ceiling on an H100 (sm_90 figures; published clock, SM count and HBM bandwidth; an "
+          "estimate, nothing measured):\n")
+    print("| kernel | tile | weight bytes/s the issue rate allows | % of HBM |")
+    print("|---|---|---|---|")
+    rate = H100["sms"] * H100["issue_per_clk"] * H100["clock_hz"]
+    for kernel, (bn, bk, sk), r in rows:
+        bytes_s = rate / r["per16"] * 32 * 16
+        print(f"| {kernel} | {bn}x{bk}, {sk} | {bytes_s / 1e12:.2f} TB/s | "
+              f"{min(100.0, 100 * bytes_s / H100['hbm_bytes_s']):.0f}% |")
 
 
 if __name__ == "__main__":

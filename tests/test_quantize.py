@@ -137,10 +137,8 @@ def test_config_defaults_and_normal_forms():
     (dict(backend="tpu"), ValueError, "unknown backend 'tpu'"),
     (dict(skip=["lm_head", 3]), TypeError, r"skip.*\['lm_head', 3\]"),
     (dict(filter="lm_head"), TypeError, "filter.*'lm_head'"),
-    (dict(method="gptq"), NotImplementedError, "'gptq' is not implemented yet"),
-    (dict(method="awq"), NotImplementedError, "'awq' is not implemented yet"),
     (dict(method="hqq"), ValueError, "unknown method 'hqq'"),
-], ids=["group_size", "group_size-bool", "symmetric", "backend", "skip", "filter", "gptq", "awq", "method"])
+], ids=["group_size", "group_size-bool", "symmetric", "backend", "skip", "filter", "method"])
 def test_config_rejects_impossible_values_naming_them(options, error, named):
     with pytest.raises(error, match=named):
         fourbit.Int4WeightOnlyConfig(**options)

@@ -107,7 +107,7 @@ def test_pruners_as_autotune_sees_them(mm):
     """The autotuner calls early_config_prune(configs, named_args, **constexprs): the
     launcher binds the device, GROUP_LEN arrives as a keyword."""
     x = torch.empty(5, 4096, dtype=torch.float16)
-    args = {"x_ptr": x, "M_BUCKET": 8, "N": 4096, "K": 4096}
+    args = {"x_ptr": x, "s_ptr": x, "m_ptr": x, "M_BUCKET": 8, "N": 4096, "K": 4096}
     kept = mm.prune_gemm(mm.gemm_configs(), args, GPUS["rtx4090"], GROUP_LEN=128)
     assert kept == mm.select_gemm(mm.gemm_configs(), 8, 4096, 2, 128, GPUS["rtx4090"])
     assert mm.prune_gemv(mm.gemv_configs(), args, GPUS["rtx4090"], GROUP_LEN=128)
@@ -186,7 +186,7 @@ def test_autotuners_prune_through_the_launch_device(mm, policy):
 
     gemv, gemm = triton_int4._tuned_kernels(policy)
     x = torch.empty(5, 4096, dtype=torch.float16)
-    args = {"x_ptr": x, "M_BUCKET": 8, "N": 4096, "K": 4096}
+    args = {"x_ptr": x, "s_ptr": x, "m_ptr": x, "M_BUCKET": 8, "N": 4096, "K": 4096}
     kept = gemm.early_config_prune(gemm.configs, args, GROUP_LEN=128, FP32_DOT=False)
     assert kept == mm.select_gemm(gemm.configs, 8, 4096, 2, 128, devices.INTERPRETER)
     assert gemv.early_config_prune(gemv.configs, args, GROUP_LEN=128)

@@ -151,7 +151,8 @@ def test_cpu_kernel_checks_its_inputs():
         ((x.double(), weight.qweight, weight.scales, weight.offsets, 128), "x"),
         ((x, weight.qweight.float(), weight.scales, weight.offsets, 128), "qweight"),
         ((x, weight.qweight, weight.scales[:, :1], weight.offsets, 128), "scales"),
-        ((x, weight.qweight, weight.scales, weight.offsets.half(), 128), "offsets"),
+        ((x, weight.qweight, weight.scales, weight.offsets.int(), 128), "offsets"),
+        ((x, weight.qweight, weight.scales, weight.offsets[:, :1], 128), "offsets"),
         ((x, weight.qweight, weight.scales, weight.offsets, 100), "group"),
         ((torch.randn(2, 300), weight.qweight, weight.scales, weight.offsets, 128), "K"),
     ]

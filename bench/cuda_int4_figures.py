@@ -214,11 +214,39 @@ def main() -> int:
                   f"| {arrow(b['spill'], a['spill'])} | {arrow(blocks(b), blocks(a))} "
                   f"| {arrow(b['loop_per_16B'], a['loop_per_16B'], '{:.0f}')} | {arrow(b['ldg'], a['ldg'])} "
                   f"| {arrow(b['ldgsts'], a['ldgsts'])} | {arrow(flight(b), flight(a))} |")
+    if "90" in archs:
+        _roofline(results[("before", "90")], results[("after", "90")])
     spills = [(k, arch) for (label, arch), r in results.items() if label == "after" for k, v in r.items() if v["spill"]]
     if spills:
         print(f"\nspills after the change: {spills}")
         return 1
     return 0
+
+
+# H100 SXM, published figures (not measured here): 132 SMs, 4 warp schedulers issuing one
+# instruction per clock each at about 1.98 GHz, 3.35 TB/s of HBM3, ~700 ns of DRAM latency.
+H100 = {"sms": 132, "issue_per_clk": 4, "clock_hz": 1.98e9, "hbm_bytes_s": 3.35e12, "latency_s": 700e-9}
+
+
+def _roofline(before: dict, after: dict) -> None:
+    """Two ceilings on the weight stream of an H100 from the sm_90 figures: issue (a warp
+    consumes 32 x 16 bytes of weights per loop_per_16B instructions; the SMs issue sms x
+    issue_per_clk warp instructions per clock) and latency (Little's law: bytes in flight on
+    every SM over the DRAM latency). Occupancy as computed above; a ceiling, not a forecast."""
+    h = H100
+    print("\nCeilings on an H100 from the sm_90 figures (published clock, SM count, bandwidth, ~700 ns latency; "
+          "estimates, nothing measured), as % of HBM bandwidth:\n")
+    print("| kernel | issue-bound before → after | latency-bound (bytes in flight) before → after |")
+    print("|---|---|---|")
+    rate = h["sms"] * h["issue_per_clk"] * h["clock_hz"]
+    for key in sorted(after):
+        def issue(r):
+            return min(100.0, 100 * rate / r["loop_per_16B"] * 32 * 16 / h["hbm_bytes_s"])
+
+        def latency(r):
+            return min(100.0, 100 * min(r["in_flight"]) * h["sms"] / h["latency_s"] / h["hbm_bytes_s"])
+        b, a = before[key], after[key]
+        print(f"| {key[0]} x {key[1]} | {issue(b):.0f}% → {issue(a):.0f}% | {latency(b):.0f}% → {latency(a):.0f}% |")
 
 
 if __name__ == "__main__":

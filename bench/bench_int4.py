@@ -6,8 +6,9 @@
 Shapes are the linear layers of real models (fourbit.models.llama.CONFIGS). Providers:
 "torch" (the dense matmul in the activation dtype: the baseline), "tinygemm" (torch's own
 int4 kernel, on its fast path: bf16 activations and scales; on the CPU "tinygemm-fp32" is
-the same kernel called with fp32, its slow path, a labelled extra row), fourbit's backends, "fourbit-auto" (what int4_linear picks), and on a GPU the
-Triton paths forced one by one (to place the GEMV / GEMM / dense crossovers). Each result's
+the same kernel called with fp32, its slow path, a labelled extra row), fourbit's backends,
+"fourbit-auto" (what int4_linear picks), and on a GPU the Triton paths forced one by one (to
+place the GEMV / GEMM / dense crossovers). Each result's
 extra_info holds µs, the bytes that must move, GB/s, % of the copy bandwidth, TFLOP/s, the
 speedup over the baseline measured just before it in the same run, and the environment.
 """

@@ -149,8 +149,9 @@ peer-fixtures: $(PEER_VENV)/.installed
 	@# From .peers/: GPTQModel writes its logs/ into the working directory.
 	@cd .peers && $(PEER_ENV) $(abspath $(PEER_PY)) $(abspath tests/peers/make_fixtures.py) \
 	  --out $(abspath $(PEER_FIXTURES)) > $(abspath $(PEER_FIXTURES)).log 2>&1; rc=$$?; \
-	  grep -E '^[a-z0-9-]+: (built|current|FAILED)|^fixtures in' $(PEER_FIXTURES).log; \
-	  if [ $$rc != 0 ]; then tail -n 40 $(PEER_FIXTURES).log; echo "make_fixtures failed: $(PEER_FIXTURES).log"; exit $$rc; fi
+	  grep -E '^[a-z0-9-]+: (built|current|FAILED)|^fixtures in' $(abspath $(PEER_FIXTURES)).log; \
+	  if [ $$rc != 0 ]; then tail -n 40 $(abspath $(PEER_FIXTURES)).log; echo "make_fixtures failed: $(PEER_FIXTURES).log"; \
+	  exit $$rc; fi
 
 # The export runs the other way: fourbit writes compressed-tensors checkpoints and its logits
 # (tests/peers/check_export.py write), transformers + compressed-tensors load them in the peer

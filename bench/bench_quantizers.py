@@ -4,8 +4,9 @@
 
 The float model is the embedded SmolLM2-135M with its Q4_1 weights dequantized
 (fourbit.load_model("smollm2-135m", quantize=False)). Each method quantizes it at each group
-size (asymmetric, lm_head tied and float): RTN (fourbit's round to nearest), GPTQ, GPTQ with
-act-order, AWQ scaling + RTN, AWQ scaling + GPTQ, and llm-compressor 0.14's GPTQModifier (the
+size (asymmetric, lm_head tied and float): RTN (fourbit's round to nearest), GPTQ in channel
+order (with min/max grids and with searched grids), GPTQ with act-order "static" and "group",
+AWQ scaling + RTN, AWQ scaling + GPTQ static, and llm-compressor 0.14's GPTQModifier (the
 peer, in .peers/venv, its compressed-tensors checkpoint read by fourbit.load_model) on the same
 calibration ids. Calibration text: the docstrings of the Python standard library
 (fourbit.quantizers.default_calibration_text); held-out text: CPython's pydoc_data.topics (the
@@ -38,14 +39,18 @@ PEER_PYTHON = ROOT / ".peers" / "venv" / "bin" / "python"
 SEQ_LEN = 512
 # Runs in order, the ones the targets need first. llm-compressor requires every K to be a
 # multiple of the group size: SmolLM2's K = 576 is not one of 128, so the peer runs at g64.
-PLAN = ["rtn:128", "gptq:128", "peer:64", "rtn:64", "gptq:64", "awq+gptq:128", "gptq-act-order:128", "awq+rtn:128",
-        "awq+gptq:64", "gptq-act-order:64", "awq+rtn:64"]
-METHODS = {  # name -> Int4WeightOnlyConfig fields
+PLAN = ["rtn:128", "gptq-static:128", "gptq:128", "peer:64", "rtn:64", "gptq-static:64", "gptq:64",
+        "gptq-minmax:128", "gptq-minmax:64", "gptq-act-order:128", "gptq-act-order:64",
+        "awq+gptq-static:128", "awq+gptq-static:64", "awq+rtn:128", "awq+rtn:64"]
+METHODS = {  # name -> Int4WeightOnlyConfig fields (grid_search is on unless named "minmax")
     "rtn": dict(method="rtn"),
+    "gptq-minmax": dict(method="gptq", grid_search=False),
     "gptq": dict(method="gptq"),
     "gptq-act-order": dict(method="gptq", act_order=True),
+    "gptq-static": dict(method="gptq", act_order="static"),
     "awq+rtn": dict(method="awq", awq_rounding="rtn"),
     "awq+gptq": dict(method="awq", awq_rounding="gptq"),
+    "awq+gptq-static": dict(method="awq", awq_rounding="gptq", act_order="static"),
 }
 
 

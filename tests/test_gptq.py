@@ -17,7 +17,7 @@ from fourbit.models.llama import LlamaConfig
 from fourbit.models.loader import build_model
 from fourbit.models.random_weights import RandomCheckpoint
 from fourbit.quantizers import calibration_ids, gptq_quantize, rtn_quantize
-from fourbit.quantizers.gptq import grid, round_to_grid
+from fourbit.quantizers.gptq import grid, round_to_grid, search_grid
 
 
 def correlated_inputs(tokens: int, k: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -36,23 +36,36 @@ def problem(n: int, k: int, seed: int = 0):
     return w, 2 * x.T @ x
 
 
-def reference_gptq(w, h, group_size, symmetric, act_order, percdamp=0.01):
+def reference_gptq(w, h, group_size, symmetric, act_order, percdamp=0.01, grid_search=False):
     """GPTQ written out plainly: channels in order, each rounded on its group's grid (chosen
     when the group starts, from the current weights), then every channel not yet rounded
-    re-solved exactly (a dense solve of the quadratic with the rounded ones fixed). Returns
-    (q codes [N, K] in visiting order, the quantized weight [N, K] in channel order)."""
+    re-solved exactly (a dense solve of the quadratic with the rounded ones fixed). With
+    act_order "static" the grids are those of the original weights' channel-order groups and
+    the codes are in channel order. grid_search: each grid by search_grid, weighted by the
+    undamped diag(H). Returns (q codes [N, K] in visiting order, or channel order for
+    "static"; the quantized weight [N, K] in channel order)."""
     n, k = w.shape
+    energy = h.diagonal().clone()
     h = h.clone()
     h.diagonal().add_(percdamp * h.diagonal().mean())
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
     glen = -(-k // 8) * 8 if group_size == -1 else group_size
+
+    def group_grid(weights, channels):
+        if grid_search:
+            return search_grid(weights, symmetric, torch.float32, energy[channels])
+        return grid(weights, symmetric, torch.float32)
+    fixed_grids = [group_grid(w[:, start:start + glen], torch.arange(start, min(start + glen, k)))
+                   for start in range(0, k, glen)]
     v, codes = w.clone(), torch.zeros(n, k, dtype=torch.uint8)
     for idx in range(k):
         j = order[idx]
-        if idx % glen == 0:
-            s, z = grid(v[:, order[idx:idx + glen]], symmetric, torch.float32)
+        if act_order == "static":
+            s, z = fixed_grids[int(j) // glen]
+        elif idx % glen == 0:
+            s, z = group_grid(v[:, order[idx:idx + glen]], order[idx:idx + glen])
         q = round_to_grid(v[:, j], s, z)
-        codes[:, idx] = q.to(torch.uint8)
+        codes[:, j if act_order == "static" else idx] = q.to(torch.uint8)
         v[:, j] = (q - z) * s
         fixed, free = order[: idx + 1], order[idx + 1:]
         if len(free):  # d = v - w; minimize d H d^T over d_free: d_free = -H_ff^-1 H_f,fixed d_fixed
@@ -67,27 +80,63 @@ def quadratic_error(w, v, h):
     return float(torch.einsum("nk,kl,nl->", d, h.double(), d))
 
 
-@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+ACT_ORDERS = pytest.mark.parametrize("act_order", [False, True, "static"], ids=["in-order", "act-order", "static"])
+
+
+@pytest.mark.parametrize("grid_search", [False, True], ids=["minmax", "search"])
+@ACT_ORDERS
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("group_size", [32, -1], ids=lambda g: f"g{g}")
-def test_gptq_matches_dense_reference_solve(group_size, symmetric, act_order):
+def test_gptq_matches_dense_reference_solve(group_size, symmetric, act_order, grid_search):
     w, h = problem(5, 96, seed=1)
-    weight = gptq_quantize(w, h, group_size, symmetric, act_order, block_size=16)
-    codes, v = reference_gptq(w, h, group_size, symmetric, act_order)
+    weight = gptq_quantize(w, h, group_size, symmetric, act_order, block_size=16, grid_search=grid_search)
+    codes, v = reference_gptq(w, h, group_size, symmetric, act_order, grid_search=grid_search)
     assert torch.equal(unpack_int4(weight.qweight)[:, :96], codes)
     assert torch.allclose(weight.dequantize(torch.float64), v, rtol=0, atol=1e-6)
-    if act_order:
+    if act_order is True:
         assert torch.equal(weight.perm.long(), torch.argsort((h.diagonal()), descending=True, stable=True))
+    else:
+        assert weight.perm is None
 
 
-@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_static_act_order_keeps_round_to_nearest_grids():
+    """"static" rounds on the grids round to nearest picks (so no perm is needed), yet its
+    error feedback in activation order beats round to nearest and in-order GPTQ on them."""
+    w, h = problem(16, 256, seed=7)
+    w, h = w.float(), h.float()
+    static = gptq_quantize(w, h, 64, False, "static")
+    rtn = rtn_quantize(w, 64, False)
+    assert torch.equal(static.scales, rtn.scales) and torch.equal(static.offsets, rtn.offsets)
+    assert not torch.equal(static.qweight, rtn.qweight)
+    error = quadratic_error(w, static.dequantize(torch.float64), h)
+    assert error < 0.7 * quadratic_error(w, rtn.dequantize(torch.float64), h)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_search_grid_never_rounds_worse_than_min_max(symmetric):
+    """Per row, the searched grid's importance-weighted rounding error is at most min/max's
+    (the full range is one of the candidates) and lower on most rows of Gaussian weights."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(200, 64, generator=g)
+    importance = torch.rand(64, generator=g) ** 4
+    s0, z0 = grid(w, symmetric, torch.float32)
+    s1, z1 = search_grid(w, symmetric, torch.float32, importance)
+
+    def error(s, z):
+        return ((w - (round_to_grid(w, s[:, None], z[:, None]) - z[:, None]) * s[:, None]) ** 2 * importance).sum(1)
+    assert torch.all(error(s1, z1) <= error(s0, z0))
+    assert (error(s1, z1) < error(s0, z0)).float().mean() > 0.5
+    assert torch.all(s1 <= s0)
+
+
+@ACT_ORDERS
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1], ids=lambda g: f"g{g}")
 def test_blocked_equals_unblocked(group_size, symmetric, act_order):
     w, h = problem(4, 300, seed=2)  # K = 300: no multiple of any group size (padding)
-    one_block = gptq_quantize(w, h, group_size, symmetric, act_order, block_size=512)
+    one_block = gptq_quantize(w, h, group_size, symmetric, act_order, block_size=512, grid_search=True)
     for block_size in (16,):
-        blocked = gptq_quantize(w, h, group_size, symmetric, act_order, block_size=block_size)
+        blocked = gptq_quantize(w, h, group_size, symmetric, act_order, block_size=block_size, grid_search=True)
         assert torch.equal(blocked.qweight, one_block.qweight)
         assert torch.equal(blocked.scales, one_block.scales) and torch.equal(blocked.offsets, one_block.offsets)
         assert torch.allclose(blocked.dequantize(torch.float64), one_block.dequantize(torch.float64), atol=1e-12)
@@ -203,13 +252,16 @@ def test_text_calibration_through_a_tokenizer_and_load_model(tmp_path):
 @pytest.mark.parametrize("options, error, named", [
     (dict(act_order=True), ValueError, "act_order applies to GPTQ"),
     (dict(method="awq", awq_rounding="rtn", act_order=True), ValueError, "act_order applies to GPTQ"),
-    (dict(act_order=1, method="gptq"), TypeError, "act_order must be True or False"),
+    (dict(act_order=1, method="gptq"), TypeError, "act_order must be True, False or one of"),
+    (dict(act_order="weight", method="gptq"), TypeError, "act_order must be True, False or one of"),
+    (dict(grid_search=1, method="gptq"), TypeError, "grid_search must be True or False"),
     (dict(percdamp=-0.1), ValueError, "percdamp must be a number in"),
     (dict(percdamp=True), ValueError, "percdamp"),
     (dict(percdamp=float("nan")), ValueError, "percdamp"),
     (dict(awq_rounding="hqq"), ValueError, "unknown awq_rounding 'hqq'"),
     (dict(method="sparsegpt"), ValueError, "unknown method 'sparsegpt'"),
-], ids=["act-order-rtn", "act-order-awq-rtn", "act-order-type", "percdamp", "percdamp-bool", "percdamp-nan",
+], ids=["act-order-rtn", "act-order-awq-rtn", "act-order-type", "act-order-name", "grid-search", "percdamp",
+        "percdamp-bool", "percdamp-nan",
         "awq-rounding", "method"])
 def test_config_rejects_impossible_values(options, error, named):
     with pytest.raises(error, match=named):
@@ -219,7 +271,7 @@ def test_config_rejects_impossible_values(options, error, named):
 
 
 def test_config_round_trips_its_new_fields():
-    config = fourbit.Int4WeightOnlyConfig(method="gptq", act_order=True, percdamp=0.05)
+    config = fourbit.Int4WeightOnlyConfig(method="gptq", act_order="static", percdamp=0.05, grid_search=False)
     assert fourbit.Int4WeightOnlyConfig.from_dict({f.name: getattr(config, f.name)
                                                    for f in dataclasses.fields(config)}) == config
 
@@ -258,6 +310,8 @@ def test_gptq_quantize_errors():
         gptq_quantize(w, h, group_size=48)
     with pytest.raises(ValueError, match="not positive definite"):
         gptq_quantize(w, -h, percdamp=0.0)
+    with pytest.raises(ValueError, match="act_order must be False, True, 'group' or 'static'"):
+        gptq_quantize(w, h, act_order="weight")
 
 
 def test_cli_act_order_needs_gptq(capsys):

@@ -5,7 +5,7 @@
     fourbit generate --model M --prompt P
     fourbit eval --model M [--text FILE] perplexity over 512-token windows
     fourbit quantize SRC OUT [--group-size G] [--symmetric] [--skip PATTERN ...]
-                     [--method rtn|gptq|awq] [--calibration FILE] [--act-order]
+                     [--method rtn|gptq|awq] [--calibration FILE] [--act-order [static|group]]
                                          write a quantized model directory load_model reads
     fourbit convert SRC OUT --to compressed-tensors|fourbit [--dense-fallback]
                                          rewrite a model directory in another format, exactly
@@ -434,8 +434,8 @@ def _config(args, parser) -> Int4WeightOnlyConfig | None:
     options = {"symmetric": True} if args.symmetric else {}
     if getattr(args, "method", "rtn") != "rtn":
         options["method"] = args.method
-    if getattr(args, "act_order", False):
-        options["act_order"] = True
+    if getattr(args, "act_order", None):
+        options["act_order"] = args.act_order
     if args.skip is not None:
         options["skip"] = tuple(args.skip)
     if not args.group_size:
@@ -505,7 +505,10 @@ def main(argv=None) -> None:
                         "(both calibrate on --calibration, layer by layer)")
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="calibration text for gptq / awq (default: the Python standard library's docstrings)")
-    p.add_argument("--act-order", action="store_true", help="gptq: quantize input channels by descending activity")
+    p.add_argument("--act-order", nargs="?", const="static", default=None, choices=("static", "group"),
+                   help="gptq: quantize input channels by descending activity; static (the default when given): "
+                        "groups keep their channels, no cost per call; group: groups follow that order, the "
+                        "layers gather their inputs by it")
     p.set_defaults(func=quantize_cmd)
 
     p = sub.add_parser("convert", help="rewrite a model in another checkpoint format, exactly")

@@ -138,6 +138,7 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
 METHODS = ("rtn", "gptq", "awq")
 CALIBRATED_METHODS = ("gptq", "awq")
 AWQ_ROUNDINGS = ("rtn", "gptq")
+ACT_ORDERS = ("group", "static")  # besides True (= "group") and False
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,16 @@ class Int4WeightOnlyConfig:
             linears, then rounded by awq_rounding). "gptq" and "awq" need calibration data
             (quantize_(..., calibration=...)) and use integer zero points (m = -z * s), so
             their layers export to compressed-tensors exactly.
-        act_order: bool, "gptq" (or awq_rounding "gptq") only: quantize input channels by
-            descending Hessian diagonal; the layers keep the order as their perm.
+        act_order: False, True, "group" or "static"; "gptq" (or awq_rounding "gptq") only:
+            quantize input channels by descending Hessian diagonal. True or "group": groups
+            are runs of that order, which the layers keep as their perm (x[..., perm] per call);
+            "static": the groups' grids fixed from the original weights first, the layers
+            stored in channel order without perm (as llm-compressor's default; no cost per call).
         percdamp: float in [0, 1], GPTQ's damping as a fraction of the Hessian's mean diagonal.
+        grid_search: bool, GPTQ rounding only: each group's range shrunk (by up to 25%) where
+            that lowers its rounding error weighted by the channels' activation energy
+            (diag(H)), rather than always its min/max. On by default; it only changes
+            which scales and zero points are chosen.
         awq_rounding: str, "awq" only: how the scaled weights are rounded, "rtn" or "gptq".
     """
 
@@ -171,9 +179,10 @@ class Int4WeightOnlyConfig:
     skip: tuple[str, ...] = ("lm_head",)
     filter: Callable[[str, nn.Module], bool] | None = None
     method: str = "rtn"
-    act_order: bool = False
+    act_order: bool | str = False
     percdamp: float = 0.01
     awq_rounding: str = "gptq"
+    grid_search: bool = True
 
     def __post_init__(self):
         check_group_size(self.group_size)
@@ -188,11 +197,13 @@ class Int4WeightOnlyConfig:
             raise TypeError(f"filter must be None or a callable (name, module) -> bool, got {self.filter!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if not isinstance(self.act_order, bool):
-            raise TypeError(f"act_order must be True or False, got {self.act_order!r}")
+        if not (isinstance(self.act_order, bool) or self.act_order in ACT_ORDERS):
+            raise TypeError(f"act_order must be True, False or one of {ACT_ORDERS}, got {self.act_order!r}")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or \
                 not 0 <= self.percdamp <= 1:
             raise ValueError(f"percdamp must be a number in [0, 1], got {self.percdamp!r}")
+        if not isinstance(self.grid_search, bool):
+            raise TypeError(f"grid_search must be True or False, got {self.grid_search!r}")
         if self.awq_rounding not in AWQ_ROUNDINGS:
             raise ValueError(f"unknown awq_rounding {self.awq_rounding!r}; choose one of {AWQ_ROUNDINGS}")
         if self.act_order and not (self.method == "gptq" or self.method == "awq" and self.awq_rounding == "gptq"):

@@ -174,7 +174,8 @@ def _quantize_linears(root: nn.Module, prefix: str, names: list[str], config, he
         w = linear.weight
         if hessians is not None:
             weight = gptq_quantize(w, hessians[name].value(), config.group_size, config.symmetric,
-                                   config.act_order, config.percdamp, dtype=w.dtype)
+                                   config.act_order, config.percdamp, dtype=w.dtype,
+                                   grid_search=config.grid_search)
         else:
             weight = rtn_quantize(w, config.group_size, config.symmetric, dtype=w.dtype)
         replace(prefix + name, linear, weight)

@@ -24,6 +24,23 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
 // The vector instruction set the CPU kernel picked at run time: "avx512", "avx2" or "portable".
 const char* int4_mm_cpu_isa();
 
+// Paged KV cache on the CPU (csrc/cpu/paged_attention.cpp; layout: python/fourbit/kv_cache.py),
+// AVX-512 / AVX2 / portable like int4_mm_cpu, fp32 accumulation, GQA, any head_dim.
+//   k_cache, v_cache  contiguous fp32 | bf16 | fp16 [num_blocks, block_size, num_kv_heads, head_dim]
+//   block_tables      int32 [B, max_blocks], unit column stride;  seq_lens int32 [B], contiguous
+//   q                 [tokens, Hq, head_dim] in the cache's dtype, unit stride along head_dim
+// Decode: q [B, Hq, D] -> [B, Hq, D]; split-KV when B x num_kv_heads is small for the threads.
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+// Prefill: q [total_q, Hq, D], query_start_loc int32 [B + 1] -> [total_q, Hq, D], causal.
+at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                       const at::Tensor& query_start_loc, int64_t max_query_len, double scale);
+// k_cache[slot] = k[t], v_cache[slot] = v[t]; k, v [T, num_kv_heads, head_dim] with contiguous
+// rows, in the cache's dtype; slot_mapping int64 [T], -1 (or any slot outside the cache) skips.
+void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                  const at::Tensor& slot_mapping);
+
 #ifdef FOURBIT_WITH_CUDA
 // int4 weight-only matmul on tensor cores (csrc/cuda/int4_mm.cu), M <= 64:
 //   x        fp16 | bf16 [M, K], contiguous, K a multiple of 8

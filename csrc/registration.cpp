@@ -45,6 +45,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("group_len"), py::arg("bias") = py::none());
   m.def("int4_mm_cpu_isa", &fourbit::int4_mm_cpu_isa,
         "vector instruction set of the CPU kernel on this machine");
+  m.def("paged_attention_cpu", &fourbit::paged_attention_cpu, "paged decode attention, C++ CPU kernel",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("scale"));
+  m.def("paged_prefill_attention_cpu", &fourbit::paged_prefill_attention_cpu,
+        "paged prefill attention, C++ CPU kernel", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("max_query_len"),
+        py::arg("scale"));
+  m.def("write_kv_cpu", &fourbit::write_kv_cpu, "paged KV cache write, C++ CPU kernel", py::arg("k"), py::arg("v"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
 #ifdef FOURBIT_WITH_CUDA
   m.def("int4_mm_cuda", &fourbit::int4_mm_cuda, "int4 weight-only matmul, CUDA tensor-core kernel (M <= 64)",
         py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("offsets"), py::arg("n"), py::arg("group_len"),

@@ -255,8 +255,8 @@ def test_op_errors_name_the_problem():
         fourbit.paged_prefill_attention(q, s.k_cache, s.v_cache, s.batch(torch.tensor([0, 2, 3], dtype=torch.int32)))
     with pytest.raises(ValueError, match=r"k must be \[2, 2, head_dim"):
         fourbit.write_kv(torch.randn(3, 2, 64).half(), torch.randn(3, 2, 64).half(), *args)
-    with pytest.raises(RuntimeError, match="no 'cpu' kernel for paged_attention"):
-        fourbit.paged_attention(q, *args, backend="cpu")
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors and the inputs are on cpu"):
+        fourbit.paged_attention(q, *args, backend="cuda")
 
 
 def test_a_batch_is_checked_each_time_it_is_built():

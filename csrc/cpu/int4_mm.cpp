@@ -1,55 +1,23 @@
 // Launcher of the CPU int4 matmul: checks the inputs, converts them to fp32, picks the
 // instruction set at run time, and splits the output rows over threads. The math is in
 // include/fourbit/int4_cpu_kernel.h.
-#include <cstdlib>
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_isa.h"
 #include "fourbit/int4_cpu.h"
 #include "ops.h"
 
 namespace fourbit {
 namespace {
 
-enum class Isa { kPortable, kAvx2, kAvx512 };
-
-bool cpu_supports(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-#else
-  if (isa != Isa::kPortable) return false;
-#endif
-  return true;
-}
-
-const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "portable";
-}
-
-// The widest instruction set this CPU has, unless FOURBIT_CPU_ISA forces one (tests use
-// it to run every path the machine can).
-Isa pick_isa() {
-  const char* forced = std::getenv("FOURBIT_CPU_ISA");
-  if (forced != nullptr && *forced != '\0') {
-    for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
-      if (std::strcmp(forced, isa_name(isa)) == 0) {
-        TORCH_CHECK(cpu_supports(isa), "FOURBIT_CPU_ISA=", forced, " but this CPU does not support it");
-        return isa;
-      }
-    }
-    TORCH_CHECK(false, "FOURBIT_CPU_ISA must be portable, avx2 or avx512, got '", forced, "'");
-  }
-  if (cpu_supports(Isa::kAvx512)) return Isa::kAvx512;
-  if (cpu_supports(Isa::kAvx2)) return Isa::kAvx2;
-  return Isa::kPortable;
-}
+using cpu::Isa;
+using cpu::isa_name;
+using cpu::pick_isa;
 
 bool is_compute_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;

@@ -5,7 +5,7 @@ for torch.compile and meta tensors), one reference (reference.py) and its backen
 (backends/), chosen per call by dispatch.py:
 
     "torch"   reference.py: plain PyTorch, any device, the executable spec
-    "cpu"     C++ kernels in csrc/cpu/ (int4_mm: AVX-512 / AVX2 / portable, chosen at run time)
+    "cpu"     C++ kernels in csrc/cpu/ (AVX-512 / AVX2 / portable, chosen at run time)
     "triton"  Triton kernels in kernels/ (CUDA; on the CPU through TRITON_INTERPRET=1)
     "cuda"    CUDA kernels in csrc/cuda/ (built when torch has CUDA and nvcc exists)
 
@@ -59,6 +59,9 @@ def _int4_mm_impl(x, qweight, scales, offsets, group_len, bias, backend):
 
 
 def _write_kv_impl(k, v, k_cache, v_cache, slot_mapping, backend):
+    if backend == "cpu":
+        from .backends import cpu_attention
+        return cpu_attention.write_kv(k, v, k_cache, v_cache, slot_mapping)
     if backend == "cuda":
         from .backends import cuda_attention
         return cuda_attention.write_kv(k, v, k_cache, v_cache, slot_mapping)
@@ -69,6 +72,9 @@ def _write_kv_impl(k, v, k_cache, v_cache, slot_mapping, backend):
 
 
 def _paged_attention_impl(q, k_cache, v_cache, block_tables, seq_lens, scale, backend):
+    if backend == "cpu":
+        from .backends import cpu_attention
+        return cpu_attention.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if backend == "cuda":
         from .backends import cuda_attention
         return cuda_attention.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
@@ -80,6 +86,10 @@ def _paged_attention_impl(q, k_cache, v_cache, block_tables, seq_lens, scale, ba
 
 def _paged_prefill_attention_impl(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
                                   scale, backend):
+    if backend == "cpu":
+        from .backends import cpu_attention
+        return cpu_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                     max_query_len, scale)
     if backend == "triton":
         from .backends import triton_attention
         return triton_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
@@ -301,7 +311,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k_cache, v_cache: contiguous [num_blocks, block_size, num_kv_heads, head_dim] (NHD pages).
         batch: the step's PagedBatch; token t goes to slot batch.slot_mapping[t] (page
             slot // block_size, row slot % block_size), nowhere for -1.
-        backend: "auto", "torch", "triton" or "cuda".
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
     """
     _check_cache(k_cache, v_cache, batch)
     _check_tokens("k", k, k_cache, k_cache.shape[2], batch.num_tokens)
@@ -321,7 +331,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         batch: a decode PagedBatch (batch.decode: one new token per sequence); sequence b
             attends to its tokens 0 .. seq_lens[b] - 1 through block_tables[b].
         scale: softmax scale, default D ** -0.5.
-        backend: "auto", "torch", "triton" or "cuda".
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
     Returns:
         [B, Hq, D] in q's dtype.
     """
@@ -349,7 +359,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             q[query_start_loc[b]:query_start_loc[b + 1]], the last of its seq_lens[b] tokens;
             each attends causally to every token of its sequence up to its own position.
         scale: softmax scale, default D ** -0.5.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "cpu" or "triton".
     Returns:
         [num_tokens, Hq, D] in q's dtype.
     """

@@ -8,6 +8,7 @@ and no user imports them (the ops in ops.py do):
     triton_attention.py  write_kv, paged decode and prefill attention on Triton (kernels/)
     cuda_int4.py         int4_mm on the CUDA tensor-core kernel, its prepacked layout
     cuda_attention.py    write_kv and paged decode attention on CUDA (csrc/cuda/)
+    cpu_attention.py     write_kv, paged decode and prefill attention on the C++ CPU kernels
 
 The "torch" backend is reference.py, the executable spec; it runs everywhere.
 This module says which backends exist, which op each implements, and whether one can run
@@ -38,9 +39,9 @@ OPS = ("int4_mm", "write_kv", "paged_attention", "paged_prefill_attention")
 # The backends that implement each op, besides the reference ("torch", every op).
 KERNELS = {
     "int4_mm": ("cpu", "triton", "cuda"),
-    "write_kv": ("triton", "cuda"),
-    "paged_attention": ("triton", "cuda"),
-    "paged_prefill_attention": ("triton",),
+    "write_kv": ("cpu", "triton", "cuda"),
+    "paged_attention": ("cpu", "triton", "cuda"),
+    "paged_prefill_attention": ("cpu", "triton"),
 }
 
 
@@ -81,7 +82,9 @@ def unavailable(backend: str, device: torch.device, op: str = "int4_mm") -> str 
     if backend == "cpu":
         if device.type != "cpu":
             return f"it runs on CPU tensors and the inputs are on {device}"
-        return None if _C is not None else "the compiled extension fourbit._C is not built"
+        if _C is None:
+            return "the compiled extension fourbit._C is not built"
+        return None if hasattr(_C, f"{op}_cpu") else f"fourbit._C predates its CPU {op} kernel; rebuild it"
     if backend == "cuda":
         if device.type != "cuda":
             return f"it runs on CUDA tensors and the inputs are on {device}"

@@ -42,7 +42,7 @@ def test_from_config_takes_fourbit_config_fields():
 @pytest.mark.parametrize("config, error", [
     ({"group_size": 48}, r"group_size must be one of"),
     ({"group_size": 32, "bits": 4}, r"unknown fourbit quantization_config key\(s\) \['bits'\]"),
-    ({"quant_method": "gptq"}, r"quant_method is 'gptq', not 'fourbit'"),
+    ({"quant_method": "bitsandbytes"}, r"quant_method 'bitsandbytes' is not one fourbit reads"),
     ({"format_version": 9}, r"format version 9 is not one this fourbit reads"),
     ({"backend": "tpu"}, r"unknown backend 'tpu'"),
 ], ids=["group-size", "unknown-key", "quant-method", "format-version", "backend"])

@@ -31,6 +31,26 @@ float. fourbit's own directory (fourbit.save_model) is not this layout: it store
 layers under fourbit's names (layers.0.self_attn.qkv_proj, no "model." prefix), which vLLM's
 loaders do not map; save_pretrained() writes the same weights in this one, exactly.
 
+Other tools' int4 checkpoints, served from their own tensors with quantization="fourbit"
+(override_quantization_method picks "fourbit" for them only when the user asks for it):
+
+    GPTQ (quant_method "gptq": v1 and v2 zero points, sym or not, desc_act g_idx, dynamic)
+    AWQ GEMM (quant_method "awq", version "gemm")
+    compressed-tensors pack-quantized, int4 weight-only (group or channel strategy, symmetric
+        or asymmetric zero points, actorder "group" g_idx, ignore lists)
+
+The config keeps the tool's reader (fourbit.models.formats.detect, which names what it cannot
+hold: 8-bit, activation quantization, ...; AWQ GEMV and AutoRound are refused here) and asks
+it per module which layers are int4 and how (its LayerLayout). SourceLinearMethod creates
+the tool's tensors for this rank's shard under their own names (GPTQ qweight [K/8, N],
+qzeros, scales [groups, N], g_idx; AWQ's; compressed-tensors weight_packed, weight_scale,
+weight_zero_point, weight_g_idx, weight_shape) with the dims vLLM's loaders shard by, and
+converts them once after loading with fourbit.models.formats.read_layout, the function
+fourbit.load_model runs, into the canonical layout, exactly; the rest is as above. g_idx
+(which vLLM's loader drops by default) is kept: the parts of a fused layer must agree, and a
+row-parallel shard may hold act-order groups only if they lie within it (GPTQ desc_act
+spreads them over all of K, so those checkpoints serve with tensor_parallel_size=1).
+
 Which layers are int4 is read from the checkpoint itself when the directory is local (the
 safetensors headers: a layer with a `.qweight` is int4, with a `.perm` act-order, its group
 size from the shapes); for a hub id, every linear layer outside modules_to_not_convert.
@@ -77,11 +97,17 @@ from ..format import (
     select_rows,
     unpack_mma_weight,
 )
+from ..models import formats
+from ..models.formats._int4 import fourbit_group_size, groups_of, pack_by_row, words_needed
 from ..nn import Int4Linear
 from ..quantize import Int4WeightOnlyConfig
 
 QUANT_METHOD = "fourbit"
 TESTED_VLLM_VERSION = "0.32.0"
+# Other tools' quant_methods whose checkpoints quantization="fourbit" serves from their own
+# tensors (converted at load by fourbit.models.formats), and the packings it loads per shard.
+SOURCE_METHODS = ("gptq", "awq", "compressed-tensors")
+SERVED_PACKINGS = ("gptq", "awq-gemm", "pack-quantized")
 _CONFIG_KEYS = ("group_size", "symmetric", "modules_to_not_convert", "backend", "format_version", "quant_method")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -240,8 +266,12 @@ class FourbitVllmConfig(QuantizationConfig):
         self.modules_to_not_convert = modules_to_not_convert
         self.format_version = format_version
         self.layers: dict[str, LayerSpec] | None = None  # from the checkpoint (maybe_update_config)
+        # Another tool's checkpoint (from_config of its quantization_config): its reader.
+        self.source: formats.QuantizedFormat | None = None
 
     def __repr__(self) -> str:
+        if self.source is not None:
+            return f"FourbitVllmConfig(source={self.source.description!r}, backend={self.backend!r})"
         return (f"FourbitVllmConfig(group_size={self.group_size}, symmetric={self.symmetric}, "
                 f"backend={self.backend!r}, modules_to_not_convert={self.modules_to_not_convert})")
 
@@ -262,7 +292,44 @@ class FourbitVllmConfig(QuantizationConfig):
         return []  # config.json's quantization_config, or the defaults with quantization="fourbit"
 
     @classmethod
+    def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
+                                     hf_config: Any = None) -> str | None:
+        """"fourbit" for a checkpoint of another tool (GPTQ, AWQ, compressed-tensors, or any
+        quant_method fourbit's readers know, so that from_config names what it cannot serve)
+        when the user asked for quantization="fourbit"; None (vLLM's own choice) otherwise."""
+        method = hf_quant_cfg.get("quant_method") if isinstance(hf_quant_cfg, dict) else None
+        method = method.lower() if isinstance(method, str) else method
+        if user_quant == QUANT_METHOD and method in formats.READERS:
+            return QUANT_METHOD
+        return None
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any], backend: str = "auto") -> FourbitVllmConfig:
+        """The config serving another tool's int4 checkpoint from its own tensors: GPTQ (v1 and
+        v2, desc_act), AWQ GEMM or compressed-tensors pack-quantized. Raises ValueError naming
+        the field for what fourbit cannot hold exactly (fourbit.models.formats.detect: 8-bit,
+        activation quantization, ...) or this method does not load (AWQ GEMV, AutoRound)."""
+        reader = formats.detect(config, "config.json")
+        method = config["quant_method"].lower()
+        if method not in SOURCE_METHODS:
+            raise ValueError(f"config.json: quantization_config.quant_method is {method!r}: quantization=\"fourbit\" "
+                             f"in vLLM serves the quant_methods {SOURCE_METHODS} and fourbit's own; load this "
+                             f"checkpoint with fourbit.load_model, then write it with "
+                             f"fourbit.integrations.vllm.save_pretrained")
+        if method == "awq" and reader.version != "gemm":
+            raise ValueError(f"config.json: quantization_config.version is {reader.version!r}: quantization="
+                             f"\"fourbit\" in vLLM serves AWQ GEMM checkpoints (the GEMV layout packs K per row with "
+                             f"padded zero points, which vLLM's loaders cannot shard); load it with "
+                             f"fourbit.load_model, or write it with fourbit.integrations.vllm.save_pretrained")
+        self = cls(backend=backend)
+        self.source = reader
+        return self
+
+    @classmethod
     def from_config(cls, config: dict[str, Any]) -> FourbitVllmConfig:
+        method = config.get("quant_method", QUANT_METHOD)
+        if isinstance(method, str) and method.lower() != QUANT_METHOD:
+            return cls.from_checkpoint_config(config)
         unknown = sorted(set(config) - set(_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"unknown fourbit quantization_config key(s) {unknown}; the keys are {_CONFIG_KEYS}")
@@ -272,14 +339,24 @@ class FourbitVllmConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         directory = Path(model_name)
-        if directory.is_dir():
+        if directory.is_dir() and self.source is None:  # another tool's: its config says which layers
             self.layers = stored_int4_layers(directory, self.group_size)
+
+    @staticmethod
+    def get_checkpoint_weight_mapper():
+        """No renames: vLLM's default drops every `.g_idx` (its kernels ignore act-order
+        metadata), which GPTQ act-order layers need here."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return WeightsMapper()
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         if self.layers is not None:
             self.layers = hf_to_vllm_mapper.apply_dict(self.layers)
 
-    def _spec(self, name: str) -> LayerSpec | None:
+    def _spec(self, name: str) -> LayerSpec | formats.LayerLayout | None:
+        if self.source is not None:  # the tool's layout of the module (errors name it), or None: float
+            return None if self.source.weight_name(name) is None else self.source.layout(name)
         if self.layers is not None:
             return self.layers.get(name)
         return None if _skipped(name, self.modules_to_not_convert) else LayerSpec(self.group_size, False)
@@ -303,7 +380,10 @@ class FourbitVllmConfig(QuantizationConfig):
             raise ValueError(f"{prefix}: vLLM runs {', '.join(parts)} as one layer, but the checkpoint stores them "
                              f"differently ({stored}); they "
                              f"must be all int4 with one group size and act-order, or all float")
-        return FourbitLinearMethod(self, next(iter(specs.values())), prefix)
+        spec = next(iter(specs.values()))
+        if isinstance(spec, formats.LayerLayout):
+            return SourceLinearMethod(self, spec, prefix)
+        return FourbitLinearMethod(self, spec, prefix)
 
 
 def _narrowest_exact(t: torch.Tensor, preferred: torch.dtype) -> torch.Tensor:
@@ -346,6 +426,7 @@ class FourbitLinearMethod(LinearMethodBase):
         check_shard(self.prefix, self.spec, input_size, input_size_per_partition)
         n, k = sum(output_partition_sizes), input_size_per_partition
         self.n, self.k, self.group_len = n, k, group_len(k, self.spec.group_size)
+        self.fb_group_size = self.spec.group_size
         self.params_dtype = params_dtype
         k_pad = padded_k(k, self.spec.group_size)
         groups = k_pad // self.group_len
@@ -375,18 +456,23 @@ class FourbitLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         device = layer.qweight.device
-        self.perm = None
+        perm = None
         if self.spec.act_order:
-            perms = list(self.perm_parts.values())
-            if len(perms) > 1 and any(not torch.equal(perms[0], p) for p in perms[1:]):
-                raise ValueError(f"{self.prefix}: its parts {sorted(map(str, self.perm_parts))} have different "
-                                 "act-order permutations; vLLM runs them as one layer, which gathers x once")
+            _same_parts(self.prefix, self.perm_parts, "act-order permutations")
             perm = check_perm(layer.perm.data, self.k).to(device)
-            if not torch.equal(perm, torch.arange(self.k, dtype=torch.int32, device=device)):
-                self.perm = perm
-        scales = _narrowest_exact(layer.scales.data, self.params_dtype)
-        offsets = _narrowest_exact(layer.offsets.data, self.params_dtype)
-        qweight = layer.qweight.data
+        self._install(layer, layer.qweight.data, layer.scales.data, layer.offsets.data, perm)
+        self.perm_parts.clear()
+
+    def _install(self, layer: nn.Module, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                 perm: torch.Tensor | None) -> None:
+        """Serve canonical qweight, scales and offsets (any float dtype holding them exactly) and
+        perm (None, or the act-order permutation): narrowed, on the backend, prepacked once."""
+        device = qweight.device
+        self.perm = None
+        if perm is not None and not torch.equal(perm, torch.arange(self.k, dtype=torch.int32, device=device)):
+            self.perm = perm.to(device=device, dtype=torch.int32)
+        scales = _narrowest_exact(scales.to(torch.float32), self.params_dtype)
+        offsets = _narrowest_exact(offsets.to(torch.float32), self.params_dtype)
         backend = self.config.backend
         self.backend = ops.resolve(backend, device, "int4_mm",
                                    lambda: dispatch.choose_backend(device, self.params_dtype, 1, self.n, self.k))
@@ -396,14 +482,13 @@ class FourbitLinearMethod(LinearMethodBase):
         layer.qweight = nn.Parameter(qweight, requires_grad=False)
         layer.scales = nn.Parameter(scales, requires_grad=False)
         layer.offsets = nn.Parameter(offsets, requires_grad=False)
-        self.perm_parts.clear()
 
     def dequantize_weight(self, layer: nn.Module) -> torch.Tensor:
         """The float weight [N, K] of this rank's shard (input channels in their own order)."""
         qweight, scales, offsets = layer.qweight, layer.scales, layer.offsets
         if self.layout == "mma":
             qweight, scales, offsets = unpack_mma_weight(qweight, scales, offsets, self.n, self.k,
-                                                         padded_k(self.k, self.spec.group_size))
+                                                         padded_k(self.k, self.fb_group_size))
         return dequantize(qweight, scales, offsets, self.group_len, self.k, self.params_dtype, self.perm)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -411,6 +496,162 @@ class FourbitLinearMethod(LinearMethodBase):
             x = x.index_select(-1, self.perm)
         return ops.linear(x, layer.qweight, layer.scales, layer.offsets, self.n, self.group_len, bias,
                           self.backend, self.layout)
+
+
+def _same_parts(prefix: str, parts: dict, what: str) -> torch.Tensor | None:
+    """The one tensor every part of a fused layer loaded (by shard id), or None if none did;
+    ValueError naming the layer if they differ (vLLM runs the parts as one layer)."""
+    values = list(parts.values())
+    if len(values) > 1 and any(not torch.equal(values[0], v) for v in values[1:]):
+        raise ValueError(f"{prefix}: its parts {sorted(map(str, parts))} have different {what}; vLLM runs them as "
+                         "one layer, which gathers x once")
+    return values[0] if values else None
+
+
+class _LoadedTensors(formats.Tensors):
+    """One vLLM layer's loaded checkpoint tensors under the checkpoint's names (`<prefix>.<name>`),
+    what fourbit.models.formats' converters read."""
+
+    def __init__(self, prefix: str, tensors: dict[str, torch.Tensor]):
+        self.prefix, self.tensors = prefix, tensors
+
+    def has(self, name: str) -> bool:
+        return name.removeprefix(self.prefix + ".") in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        short = name.removeprefix(self.prefix + ".")
+        if short not in self.tensors:
+            raise ValueError(f"{self.prefix}: the checkpoint has no {short!r} for this layer (every part of it "
+                             f"needs one: {', '.join(sorted(self.tensors))} were loaded)")
+        return self.tensors[short]
+
+
+class SourceLinearMethod(FourbitLinearMethod):
+    """One int4 linear layer of another tool's checkpoint (GPTQ, AWQ GEMM, compressed-tensors
+    pack-quantized), on fourbit's kernels.
+
+    create_weights makes the tool's own tensors for this rank's shard (their names, dtypes and
+    packings; scales in fp32 containers while loading) with the attributes vLLM's loaders
+    shard by; process_weights_after_loading converts them once, exactly, into fourbit's
+    canonical int4 (fourbit.models.formats.read_layout, the conversion fourbit.load_model
+    runs) and serves them as FourbitLinearMethod does. g_idx (act-order) is loaded by its own
+    loader: the parts of a fused layer must agree, and a row-parallel shard takes its K slice,
+    its groups counted from the shard's first."""
+
+    def __init__(self, config: FourbitVllmConfig, layout: formats.LayerLayout, prefix: str):
+        super().__init__(config, LayerSpec(layout.group_size, False), prefix)
+        self.layout = layout
+        self.loaded: set[str] = set()
+        self.parts: dict[str, dict] = {"g_idx": {}, "weight_shape": {}}
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        layout, prefix = self.layout, self.prefix
+        if layout.packing not in SERVED_PACKINGS:
+            raise ValueError(f"{prefix}: the checkpoint packs it as {layout.packing!r}; quantization=\"fourbit\" in "
+                             f"vLLM loads the packings {SERVED_PACKINGS}")
+        if layout.packing == "pack-quantized" and layout.strategy == "tensor":
+            raise ValueError(f"{prefix}: compressed-tensors strategy 'tensor' (one scale per matrix) is not served "
+                             "by quantization=\"fourbit\" in vLLM; the group and channel strategies are")
+        groups_of(input_size, layout.group_size, prefix)  # a group size fourbit cannot hold: named error
+        check_shard(prefix, self.spec, input_size, input_size_per_partition)
+        if any(size % 8 for size in output_partition_sizes):
+            raise ValueError(f"{prefix}: its output partitions {output_partition_sizes} are not multiples of 8, "
+                             "the zero points packed 8 outputs to a word cannot be split there")
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        self.n, self.k, self.input_size = n, k, input_size
+        self.k_start = getattr(layer, "tp_rank", 0) * k if k != input_size else 0
+        self.fb_group_size = fourbit_group_size(layout.group_size, prefix)
+        self.group_len = group_len(k, self.fb_group_size)
+        self.params_dtype = params_dtype
+        groups = groups_of(k, layout.group_size, prefix)
+        loader = extra_weight_attrs.pop("weight_loader")
+
+        def param(name, shape, dtype, load=loader, **attrs):
+            def recording_load(p, loaded_weight, *shard):
+                self.loaded.add(name)
+                load(p, loaded_weight, *shard)
+            p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(p, {"weight_loader": recording_load, **attrs, **extra_weight_attrs})
+            layer.register_parameter(name, p)
+
+        int32, fp32 = torch.int32, torch.float32  # fp32 containers hold fp16, bf16 and fp32 scales exactly
+        along_k = dict(input_dim=0, output_dim=1)    # [K-ish, N-ish] tensors (GPTQ, AWQ)
+        along_n = dict(output_dim=0, input_dim=1)    # [N-ish, K-ish] tensors (compressed-tensors)
+        if layout.packing == "gptq":
+            param("qweight", (words_needed(k), n), int32, packed_dim=0, packed_factor=8, **along_k)
+            param("qzeros", (groups, words_needed(n)), int32, packed_dim=1, packed_factor=8, **along_k)
+            param("scales", (groups, n), fp32, **along_k)
+            param("g_idx", (k,), int32, load=self._part_loader("g_idx"), ignore_warning=True)
+        elif layout.packing == "awq-gemm":
+            param("qweight", (k, words_needed(n)), int32, packed_dim=1, packed_factor=8, **along_k)
+            param("qzeros", (groups, words_needed(n)), int32, packed_dim=1, packed_factor=8, **along_k)
+            param("scales", (groups, n), fp32, **along_k)
+        else:
+            param("weight_packed", (n, words_needed(k)), int32, packed_dim=1, packed_factor=8, **along_n)
+            param("weight_scale", (n, groups), fp32, **along_n)
+            if not layout.symmetric:
+                param("weight_zero_point", (words_needed(n), groups), int32, load=self._zero_point_loader(loader),
+                      packed_dim=0, packed_factor=8, **along_n)
+            param("weight_g_idx", (k,), int32, load=self._part_loader("g_idx"), ignore_warning=True)
+            param("weight_shape", (2,), torch.int64, load=self._part_loader("weight_shape"), ignore_warning=True)
+
+    def _part_loader(self, kind: str):
+        """A loader keeping each part's g_idx ([K]: this shard's slice) or weight_shape apart."""
+        def load(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+            if kind == "weight_shape":
+                if loaded_weight.numel() != 2 or int(loaded_weight.reshape(-1)[1]) != self.input_size:
+                    raise ValueError(f"{self.prefix}: weight_shape {loaded_weight.tolist()} is not [N, K] with the "
+                                     f"model's K = {self.input_size}")
+                self.parts[kind][shard_id] = loaded_weight.reshape(-1).clone()
+                return
+            if tuple(loaded_weight.shape) != (self.input_size,):
+                raise ValueError(f"{self.prefix}: g_idx has shape {tuple(loaded_weight.shape)}, expected "
+                                 f"({self.input_size},), one group index per input channel")
+            self.parts[kind][shard_id] = loaded_weight.narrow(0, self.k_start, self.k).to(torch.int32).clone()
+        return load
+
+    def _zero_point_loader(self, loader):
+        """compressed-tensors' zero points: packed int32 [N/8, groups] (>= 0.10) as they are; the
+        signed int8 [N, groups] of older writers packed the same way first (zero + 8 per nibble)."""
+        def load(param: nn.Parameter, loaded_weight: torch.Tensor, *shard) -> None:
+            if loaded_weight.dtype != torch.int32:
+                if loaded_weight.dtype.is_floating_point or loaded_weight.dim() != 2 or loaded_weight.shape[0] % 8:
+                    raise ValueError(f"{self.prefix}: weight_zero_point {loaded_weight.dtype} "
+                                     f"{tuple(loaded_weight.shape)} is neither packed int32 [N/8, groups] nor "
+                                     "integer [N, groups] zero points")
+                if int(loaded_weight.min()) < -8 or int(loaded_weight.max()) > 7:
+                    raise ValueError(f"{self.prefix}: weight_zero_point holds zero points outside the signed "
+                                     "4-bit range [-8, 7]")
+                loaded_weight = pack_by_row((loaded_weight.to(torch.int16) + 8).to(torch.uint8)).t()
+            loader(param, loaded_weight, *shard)
+        return load
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        prefix, layout = self.prefix, self.layout
+        names = [name for name, _ in layer.named_parameters(recurse=False) if name in self.loaded]
+        tensors = {name: getattr(layer, name).data for name in names if name not in ("g_idx", "weight_g_idx",
+                                                                                      "weight_shape")}
+        g_idx = _same_parts(prefix, self.parts["g_idx"], "act-order group indices (g_idx)")
+        if g_idx is not None:
+            if self.k_start and not bool((g_idx == -1).any()):
+                # This shard's groups, counted from its first: each shard holds whole groups.
+                first, groups = self.k_start // layout.group_size, self.k // layout.group_size
+                g_idx = g_idx - first
+                if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+                    raise ValueError(f"{prefix}: tensor parallelism splits its K = {self.input_size} input channels "
+                                     f"into shards of {self.k}, but its act-order g_idx puts channels of this shard "
+                                     "in groups of another; serve it with tensor_parallel_size=1")
+            tensors["weight_g_idx" if layout.packing == "pack-quantized" else "g_idx"] = g_idx
+        if layout.packing == "pack-quantized" and self.parts["weight_shape"]:
+            tensors["weight_shape"] = torch.tensor([self.n, self.k])
+        weight = formats.read_layout(prefix, (self.n, self.k), _LoadedTensors(prefix, tensors), layout)
+        for name in [name for name, _ in layer.named_parameters(recurse=False)
+                     if name not in ("qweight", "scales", "bias")]:
+            delattr(layer, name)
+        self._install(layer, weight.qweight, weight.scales, weight.offsets, weight.perm)
+        self.parts = {kind: {} for kind in self.parts}
+        self.loaded.clear()
 
 
 def register() -> None:

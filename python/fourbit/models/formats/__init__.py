@@ -9,17 +9,18 @@ checkpoint_format / version / packing_format fields), never guessed from names o
 
 from __future__ import annotations
 
+from ...format import Int4Weight
 from ._int4 import Tensors
 from .auto_round import AutoRoundFormat
-from .awq import AWQFormat
-from .base import QuantizedFormat
-from .compressed_tensors import CompressedTensorsFormat
-from .gptq import GPTQFormat
+from .awq import AWQFormat, read_awq_gemm_layer, read_awq_gemv_layer
+from .base import LayerLayout, QuantizedFormat
+from .compressed_tensors import CompressedTensorsFormat, read_pack_quantized_layer
+from .gptq import GPTQFormat, read_gptq_layer
 
 READERS = {"gptq": GPTQFormat, "awq": AWQFormat, "compressed-tensors": CompressedTensorsFormat,
            "auto-round": AutoRoundFormat, "intel/auto-round": AutoRoundFormat}
 
-__all__ = ["QuantizedFormat", "READERS", "Tensors", "detect"]
+__all__ = ["LayerLayout", "QuantizedFormat", "READERS", "Tensors", "detect", "read_layout"]
 
 
 def detect(quantization_config, where: str) -> QuantizedFormat | None:
@@ -41,3 +42,18 @@ def detect(quantization_config, where: str) -> QuantizedFormat | None:
         raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not one fourbit reads "
                          f"({', '.join(sorted(READERS))})")
     return READERS[method](quantization_config, where)
+
+
+def read_layout(layer: str, shape: tuple[int, int], tensors: Tensors, layout: LayerLayout) -> Int4Weight:
+    """The Int4Weight of one layer [N, K] stored as `layout` says (a reader's layout(layer)):
+    the conversion every reader's read() runs, for callers that hold the tensors themselves
+    (fourbit.integrations.vllm, per vLLM layer and shard)."""
+    if layout.packing == "gptq":
+        return read_gptq_layer(layer, shape, tensors, layout.group_size, layout.zeros_minus_one)
+    if layout.packing == "awq-gemm":
+        return read_awq_gemm_layer(layer, shape, tensors, layout.group_size)
+    if layout.packing == "awq-gemv":
+        return read_awq_gemv_layer(layer, shape, tensors, layout.group_size)
+    if layout.packing == "pack-quantized":
+        return read_pack_quantized_layer(layer, shape, tensors, layout.strategy, layout.group_size, layout.symmetric)
+    raise ValueError(f"{layer}: unknown int4 packing {layout.packing!r}")

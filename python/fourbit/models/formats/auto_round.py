@@ -20,7 +20,7 @@ import re
 from ...format import Int4Weight
 from ._int4 import Tensors
 from .awq import read_awq_gemm_layer
-from .base import ConfigFields, QuantizedFormat
+from .base import ConfigFields, LayerLayout, QuantizedFormat
 from .gptq import read_gptq_layer
 
 GPTQ_V1 = ("auto_round:auto_gptq", "auto_gptq", "auto_round:gptq")
@@ -80,7 +80,7 @@ class AutoRoundFormat(QuantizedFormat):
         bits = self._settings(layer).integer("bits")
         return None if bits >= FLOAT_BITS else f"{layer}.qweight"
 
-    def read(self, layer: str, shape: tuple[int, int], tensors: Tensors) -> Int4Weight:
+    def layout(self, layer: str) -> LayerLayout:
         settings = self._settings(layer)
         settings.bits("bits", layer=layer)
         data_type = settings.string("data_type")
@@ -88,5 +88,11 @@ class AutoRoundFormat(QuantizedFormat):
             raise settings.error("data_type", f"is {data_type!r} (layer {layer}): fourbit reads integer weights only")
         group_size = settings.group_size("group_size")
         if self.packing in AWQ_GEMM:
-            return read_awq_gemm_layer(layer, shape, tensors, group_size)
-        return read_gptq_layer(layer, shape, tensors, group_size, zeros_minus_one=self.packing in GPTQ_V1)
+            return LayerLayout("awq-gemm", group_size)
+        return LayerLayout("gptq", group_size, zeros_minus_one=self.packing in GPTQ_V1)
+
+    def read(self, layer: str, shape: tuple[int, int], tensors: Tensors) -> Int4Weight:
+        layout = self.layout(layer)
+        if layout.packing == "awq-gemm":
+            return read_awq_gemm_layer(layer, shape, tensors, layout.group_size)
+        return read_gptq_layer(layer, shape, tensors, layout.group_size, layout.zeros_minus_one)

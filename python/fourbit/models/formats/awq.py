@@ -22,7 +22,7 @@ import torch
 
 from ...format import Int4Weight
 from ._int4 import NIBBLES, Tensors, check, check_scales, groups_of, int4_weight, nibbles, words_needed
-from .base import ConfigFields, QuantizedFormat
+from .base import ConfigFields, LayerLayout, QuantizedFormat
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)           # nibble i of a word holds column AWQ_ORDER[i]
 AWQ_NIBBLE_OF = tuple(AWQ_ORDER.index(c) for c in range(NIBBLES))  # column c sits in nibble this
@@ -86,7 +86,7 @@ class AWQFormat(QuantizedFormat):
         skip = fields.get("modules_to_not_convert", default=[])
         if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
             raise fields.error("modules_to_not_convert", f"must be a list of module names, got {skip!r}")
-        self.skip, self.reader = skip, READERS[version]
+        self.skip, self.version = skip, version
         self.description = f"AWQ ({version})"
 
     def weight_name(self, layer: str) -> str | None:
@@ -94,5 +94,8 @@ class AWQFormat(QuantizedFormat):
             return None
         return f"{layer}.qweight"
 
+    def layout(self, layer: str) -> LayerLayout:
+        return LayerLayout(f"awq-{self.version}", self.group_size)
+
     def read(self, layer: str, shape: tuple[int, int], tensors: Tensors) -> Int4Weight:
-        return self.reader(layer, shape, tensors, self.group_size)
+        return READERS[self.version](layer, shape, tensors, self.group_size)

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ...format import Int4Weight
 from ._int4 import Tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """How the config says one quantized layer's tensors are stored: what read() converts.
+
+    packing: "gptq" (qweight / qzeros / scales / g_idx), "awq-gemm", "awq-gemv" or
+        "pack-quantized" (compressed-tensors); group_size: the tool's (-1: one group per row);
+        zeros_minus_one: GPTQ v1 zero points; symmetric and strategy: compressed-tensors'.
+    """
+    packing: str
+    group_size: int
+    zeros_minus_one: bool = False
+    symmetric: bool = False
+    strategy: str = "group"
 
 
 class QuantizedFormat:
@@ -11,13 +28,18 @@ class QuantizedFormat:
 
     weight_name(layer) says whether a linear layer (its module name, "model.layers.0.mlp.up_proj",
     "lm_head") is quantized, as the name of its main packed tensor, or None (a float layer,
-    read as `layer.weight`). read(layer, (N, K), tensors) converts the layer's tensors into an
-    Int4Weight exactly, raising ValueError naming the tensor that is missing or inconsistent.
+    read as `layer.weight`). layout(layer) is the LayerLayout of a quantized layer (raising
+    ValueError for one the config gives settings fourbit cannot hold). read(layer, (N, K),
+    tensors) converts the layer's tensors into an Int4Weight exactly (formats.read_layout of
+    its layout), raising ValueError naming the tensor that is missing or inconsistent.
     """
 
     description = "int4"
 
     def weight_name(self, layer: str) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def layout(self, layer: str) -> LayerLayout:  # pragma: no cover - interface
         raise NotImplementedError
 
     def read(self, layer: str, shape: tuple[int, int], tensors: Tensors) -> Int4Weight:  # pragma: no cover

@@ -27,7 +27,7 @@ import torch
 
 from ...format import Int4Weight
 from ._int4 import Tensors, act_order_perm, check, check_scales, groups_of, int4_weight, nibbles, words_needed
-from .base import ConfigFields, QuantizedFormat
+from .base import ConfigFields, LayerLayout, QuantizedFormat
 
 PACKED = "pack-quantized"
 STRATEGIES = ("group", "channel", "tensor")
@@ -109,44 +109,54 @@ class CompressedTensorsFormat(QuantizedFormat):
         group_size = weights.group_size("group_size") if strategy == "group" else -1
         return strategy, group_size, weights.boolean("symmetric", default=True)
 
-    def read(self, layer: str, shape: tuple[int, int], tensors: Tensors) -> Int4Weight:
+    def layout(self, layer: str) -> LayerLayout:
         strategy, group_size, symmetric = self._weights(layer)
-        n, k = shape
-        groups = groups_of(k, group_size, layer)
-        packed = check(f"{layer}.weight_packed", tensors.get(f"{layer}.weight_packed"), (torch.int32,),
-                       (n, words_needed(k)))
-        stored_shape = check(f"{layer}.weight_shape", tensors.get(f"{layer}.weight_shape"), INT_DTYPES, (2,))
-        if stored_shape.tolist() != [n, k]:
-            raise ValueError(f"checkpoint tensor {layer + '.weight_shape'!r} is {stored_shape.tolist()}; the model "
-                             f"expects {[n, k]}")
-        scales = tensors.get(f"{layer}.weight_scale")
-        if strategy == "tensor":
-            if scales.numel() != 1:
-                raise ValueError(f"checkpoint tensor {layer + '.weight_scale'!r} has shape {tuple(scales.shape)}; "
-                                 f"the tensor strategy has one scale")
-            scales = scales.reshape(1, 1).expand(n, 1)
-        scales = check_scales(f"{layer}.weight_scale", scales, (n, groups))
-        zeros = self._zeros(layer, tensors, n, groups, symmetric, strategy)
-        g_idx = tensors.get(f"{layer}.weight_g_idx") if tensors.has(f"{layer}.weight_g_idx") else None
-        if g_idx is not None and bool((g_idx == -1).any()):
-            g_idx = None  # never initialized: column order
-        perm = act_order_perm(g_idx, k, group_size, groups, f"{layer}.weight_g_idx")
-        return int4_weight(zeros, scales, group_size, shape, perm, layer, words=packed.t())
+        return LayerLayout(PACKED, group_size, symmetric=symmetric, strategy=strategy)
 
-    @staticmethod
-    def _zeros(layer: str, tensors: Tensors, n: int, groups: int, symmetric: bool, strategy: str) -> torch.Tensor:
-        """fourbit's integer zero points uint8 [N, groups]: the signed zero + 8."""
-        name = f"{layer}.weight_zero_point"
-        if not tensors.has(name):
-            if not symmetric:
-                tensors.get(name)  # raises, naming the missing tensor
-            return torch.full((n, groups), 8, dtype=torch.uint8)
-        zero = tensors.get(name)
-        if strategy == "tensor" and zero.numel() == 1:
-            zero = zero.reshape(1, 1).expand(n, 1)
-        if zero.dtype == torch.int32 and tuple(zero.shape) == (words_needed(n), groups) and n > 1:
-            return nibbles(zero.t(), n).t()  # packed along N: nibbles already hold zero + 8
-        check(name, zero, INT_DTYPES, (n, groups))
-        if zero.numel() and (int(zero.min()) < -8 or int(zero.max()) > 7):
-            raise ValueError(f"checkpoint tensor {name!r} holds zero points outside the signed 4-bit range [-8, 7]")
-        return (zero.to(torch.int16) + 8).to(torch.uint8)
+    def read(self, layer: str, shape: tuple[int, int], tensors: Tensors) -> Int4Weight:
+        layout = self.layout(layer)
+        return read_pack_quantized_layer(layer, shape, tensors, layout.strategy, layout.group_size, layout.symmetric)
+
+
+def read_pack_quantized_layer(layer: str, shape: tuple[int, int], tensors: Tensors, strategy: str, group_size: int,
+                              symmetric: bool) -> Int4Weight:
+    """One pack-quantized linear layer as an Int4Weight (the module docstring gives the layout)."""
+    n, k = shape
+    groups = groups_of(k, group_size, layer)
+    packed = check(f"{layer}.weight_packed", tensors.get(f"{layer}.weight_packed"), (torch.int32,),
+                   (n, words_needed(k)))
+    stored_shape = check(f"{layer}.weight_shape", tensors.get(f"{layer}.weight_shape"), INT_DTYPES, (2,))
+    if stored_shape.tolist() != [n, k]:
+        raise ValueError(f"checkpoint tensor {layer + '.weight_shape'!r} is {stored_shape.tolist()}; the model "
+                         f"expects {[n, k]}")
+    scales = tensors.get(f"{layer}.weight_scale")
+    if strategy == "tensor":
+        if scales.numel() != 1:
+            raise ValueError(f"checkpoint tensor {layer + '.weight_scale'!r} has shape {tuple(scales.shape)}; "
+                             f"the tensor strategy has one scale")
+        scales = scales.reshape(1, 1).expand(n, 1)
+    scales = check_scales(f"{layer}.weight_scale", scales, (n, groups))
+    zeros = _zeros(layer, tensors, n, groups, symmetric, strategy)
+    g_idx = tensors.get(f"{layer}.weight_g_idx") if tensors.has(f"{layer}.weight_g_idx") else None
+    if g_idx is not None and bool((g_idx == -1).any()):
+        g_idx = None  # never initialized: column order
+    perm = act_order_perm(g_idx, k, group_size, groups, f"{layer}.weight_g_idx")
+    return int4_weight(zeros, scales, group_size, shape, perm, layer, words=packed.t())
+
+
+def _zeros(layer: str, tensors: Tensors, n: int, groups: int, symmetric: bool, strategy: str) -> torch.Tensor:
+    """fourbit's integer zero points uint8 [N, groups]: the signed zero + 8."""
+    name = f"{layer}.weight_zero_point"
+    if not tensors.has(name):
+        if not symmetric:
+            tensors.get(name)  # raises, naming the missing tensor
+        return torch.full((n, groups), 8, dtype=torch.uint8)
+    zero = tensors.get(name)
+    if strategy == "tensor" and zero.numel() == 1:
+        zero = zero.reshape(1, 1).expand(n, 1)
+    if zero.dtype == torch.int32 and tuple(zero.shape) == (words_needed(n), groups) and n > 1:
+        return nibbles(zero.t(), n).t()  # packed along N: nibbles already hold zero + 8
+    check(name, zero, INT_DTYPES, (n, groups))
+    if zero.numel() and (int(zero.min()) < -8 or int(zero.max()) > 7):
+        raise ValueError(f"checkpoint tensor {name!r} holds zero points outside the signed 4-bit range [-8, 7]")
+    return (zero.to(torch.int16) + 8).to(torch.uint8)

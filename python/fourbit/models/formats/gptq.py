@@ -28,7 +28,7 @@ import torch
 
 from ...format import Int4Weight
 from ._int4 import Tensors, act_order_perm, check, check_scales, groups_of, int4_weight, nibbles, words_needed
-from .base import ConfigFields, QuantizedFormat
+from .base import ConfigFields, LayerLayout, QuantizedFormat
 
 V1_ZERO_OFFSET = 0x11111111  # one added to each of a word's eight zero points, carries included
 
@@ -102,14 +102,18 @@ class GPTQFormat(QuantizedFormat):
             return None
         return f"{layer}.qweight"
 
-    def read(self, layer: str, shape: tuple[int, int], tensors: Tensors) -> Int4Weight:
+    def layout(self, layer: str) -> LayerLayout:
         overrides = ConfigFields(self._override(layer) or {}, self.fields.where,
                                  f"quantization_config.dynamic[{layer!r}]")
         if overrides.get("bits") is not None:
             overrides.bits("bits", layer=layer)
         group_size = overrides.group_size("group_size") if overrides.get("group_size") is not None \
             else self.group_size
-        return read_gptq_layer(layer, shape, tensors, group_size, self.zeros_minus_one)
+        return LayerLayout("gptq", group_size, zeros_minus_one=self.zeros_minus_one)
+
+    def read(self, layer: str, shape: tuple[int, int], tensors: Tensors) -> Int4Weight:
+        layout = self.layout(layer)
+        return read_gptq_layer(layer, shape, tensors, layout.group_size, layout.zeros_minus_one)
 
 
 def _flatten(items) -> list[str]:

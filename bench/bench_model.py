@@ -5,9 +5,11 @@ and the memory of a 7B model quantized layer by layer.
     pytest bench/bench_model.py --benchmark-only -m slow ...                    # Llama-2-7B
 
 Providers: "float" (the baseline: the same model with float weights, fp32 on the CPU and
-fp16 on a GPU), "int4" (fourbit's Int4Linear layers), and on a GPU "hf" (Hugging Face
+fp16 on a GPU), "int4" (fourbit's Int4Linear layers), on the CPU "int4-compiled" (the same,
+decoding through generate(..., compile=True): the decode step under torch.compile; the
+first call's compile time is recorded as compile_s), and on a GPU "hf" (Hugging Face
 transformers' generate on the same architecture in fp16). Decode rate: (time for 65 new
-tokens - time for 1) / 64, so the prefill cancels out.
+tokens - time for 1) / 64, so the prefill cancels out. Every case records torch's threads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 import fourbit
 from fourbit.evaluate import decode_tokens_per_second
+from fourbit.generate import compile_stats
 from fourbit.models.llama import CONFIGS
 from fourbit.models.loader import build_model
 from fourbit.models.random_weights import RandomCheckpoint
@@ -76,21 +79,23 @@ def decode_case(benchmark, model_name: str, build, provider: str, batch: int):
     holder = {}
 
     def measure():
-        model = build(provider)
+        model = build(provider.removesuffix("-compiled"))
         holder["bytes"] = weight_bytes(model)
         if provider == "hf":
             holder["tok_s"] = hf_tokens_per_second(model, batch)
         else:
             holder["tok_s"] = decode_tokens_per_second(model, PROMPT, NEW_TOKENS, repeats=1 if SMOKE else 3,
-                                                       batch=batch)
+                                                       batch=batch, compile=provider.endswith("-compiled"))
+            holder["compile_s"] = sum(compile_stats(model)["compile_seconds"].values())
     benchmark.pedantic(measure, rounds=1, iterations=1)
     us = 1e6 / holder["tok_s"]
     record(benchmark, "decode", provider, us, holder["bytes"], dict(model=model_name, batch=batch,
                                                                    dtype=str(FLOAT).split(".")[-1]),
-           baseline="float", tokens_per_s=holder["tok_s"], weight_bytes=holder["bytes"])
+           baseline="float", tokens_per_s=holder["tok_s"], weight_bytes=holder["bytes"],
+           threads=torch.get_num_threads(), compile_s=holder.get("compile_s", 0.0))
 
 
-@pytest.mark.parametrize("provider", ["float", "int4"])
+@pytest.mark.parametrize("provider", ["float", "int4"] + (["int4-compiled"] if DEVICE.type == "cpu" else []))
 def test_smollm2_decode(benchmark, provider):
     try:
         fourbit.models.resolve_source("smollm2-135m")

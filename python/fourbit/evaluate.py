@@ -80,13 +80,14 @@ def perplexity(model, token_ids, window: int = 512, max_windows: int | None = No
 
 
 def decode_tokens_per_second(model, prompt: list[int], new_tokens: int = 64, repeats: int = 3,
-                             batch: int = 1) -> float:
+                             batch: int = 1, **generate_kwargs) -> float:
     """Decode rate of `batch` copies of prompt, in tokens per second per sequence: (time for
     1 + new_tokens tokens - time for 1) / new_tokens, the prefill cancelling out; median over
-    repeats, after a warm-up. No stop token: every run decodes the same number of steps."""
+    repeats, after a warm-up (which also compiles, with generate_kwargs compile=True). No stop
+    token: every run decodes the same number of steps. generate_kwargs go to generate."""
     def run(n):
         start = time.perf_counter()
-        generate(model, [prompt] * batch, n)
+        generate(model, [prompt] * batch, n, **generate_kwargs)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import time
 import warnings
 
 import torch
@@ -197,11 +198,105 @@ class _DecodeGraphs:
         return graph, b, logits
 
 
+def _decode_step(model: Llama, cache: PagedKVCache, input_ids, positions, slot_mapping, block_tables, seq_lens,
+                 query_start_loc, backend: str) -> torch.Tensor:
+    """One decode step of a padded batch: the function _CompiledDecode compiles. A trusted
+    PagedBatch over tensors built from a planned (checked) one, as _DecodeGraphs' is."""
+    batch = PagedBatch(slot_mapping, block_tables, seq_lens, query_start_loc, 1,
+                       block_tables.shape[1] * cache.block_size, cache.num_blocks, cache.block_size)
+    return model(input_ids, positions, PagedContext(cache, batch, backend))
+
+
+_COMPILED_STEP = None  # torch.compile(_decode_step), made on first use (dynamo's cache lives on its code)
+
+
+def _compiled_step():
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        # fullgraph: a graph break raises (and generate decodes eagerly) rather than run a
+        # step cut into pieces. dynamic=False: one graph per padded batch size; only the
+        # block-table width is symbolic (marked per call). The cache's page count stays
+        # static: torch 2.13's inductor drops the symbolic storage offsets of the per-layer
+        # views a write_kv mutates (both pages written at offset 0), so a symbolic page
+        # count corrupts the cache.
+        _COMPILED_STEP = torch.compile(_decode_step, dynamic=False, fullgraph=True)
+    return _COMPILED_STEP
+
+
+class _CompiledDecode:
+    """The decode step under torch.compile (inductor's CPU backend), one graph per batch-size
+    bucket (1, 2, 4, ...) and cache geometry (pages, page size), kept on the model across
+    generate calls. fourbit's ops stay opaque custom ops in the graph (the compiler sees their
+    fakes), so each runs the backend "auto" picks, as in eager mode; what the compiler removes
+    is the per-op overhead between them (norms, rotary embeddings, SwiGLU, residual adds fused
+    into a few C++ loops). Rows past the live batch are padding, as in _DecodeGraphs.
+
+    Attributes:
+        compile_seconds: {(bucket, num_blocks, block_size, dtype, backend): seconds of the
+            first call (trace, compile and one step)}.
+        error: why compiling failed (then generate decodes eagerly), or None.
+    """
+
+    # Dynamo's per-function recompile limit while a new bucket compiles (its default, 8,
+    # would be reached by a few buckets of a few models in one process).
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self):
+        self.compile_seconds, self.error = {}, None
+
+    @staticmethod
+    def of(model: Llama) -> _CompiledDecode:
+        """The model's compiled decode (made on first use)."""
+        compiled = model.__dict__.get("_fourbit_compiled_decode")
+        if compiled is None:
+            compiled = model.__dict__["_fourbit_compiled_decode"] = _CompiledDecode()
+        return compiled
+
+    def run(self, model: Llama, cache: PagedKVCache, input_ids, positions, batch: PagedBatch,
+            backend: str) -> torch.Tensor:
+        size, device = input_ids.shape[0], input_ids.device
+        bucket = 1 << (size - 1).bit_length()
+        pad = bucket - size
+        # At least two columns: a width of 1 would be specialized (dynamo's 0/1 rule) and
+        # compile a second graph. Column 1 onward past a sequence's pages is never read.
+        width = max(batch.block_tables.shape[1], 2)
+        block_tables = torch.zeros(bucket, width, dtype=torch.int32, device=device)
+        block_tables[:size, :batch.block_tables.shape[1]] = batch.block_tables
+        if pad:
+            input_ids = torch.cat([input_ids, input_ids.new_zeros(pad)])
+            positions = torch.cat([positions, positions.new_zeros(pad)])
+            slot_mapping = torch.cat([batch.slot_mapping, batch.slot_mapping.new_full((pad,), -1)])
+            seq_lens = torch.cat([batch.seq_lens, batch.seq_lens.new_ones(pad)])
+        else:
+            slot_mapping, seq_lens = batch.slot_mapping, batch.seq_lens
+        query_start_loc = torch.arange(bucket + 1, dtype=torch.int32, device=device)
+        torch._dynamo.mark_dynamic(block_tables, 1)
+        args = (model, cache, input_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, backend)
+        key = (bucket, cache.num_blocks, cache.block_size, str(model.dtype).split(".")[-1], backend)
+        if key in self.compile_seconds:
+            return _compiled_step()(*args)[:size]
+        start = time.perf_counter()
+        limit = max(self.RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            logits = _compiled_step()(*args)
+        self.compile_seconds[key] = time.perf_counter() - start
+        return logits[:size]
+
+
+def _num_blocks(needed: int, block_size: int, compile_decode: bool) -> int:
+    """Pages of the cache generate makes: what the prompts need; when the decode step is
+    compiled, rounded up to a power of two and to at least 256 tokens' worth (the graph is
+    specialized to the cache's page count, so calls of similar lengths share one graph)."""
+    if not compile_decode:
+        return needed
+    return max(1 << (needed - 1).bit_length(), -(-256 // block_size))
+
+
 @torch.inference_mode()
 def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens=None, seed: int | None = None, *, block_size: int = 16,
              prefill_chunk: int = 512, cache: PagedKVCache | None = None, use_cuda_graph: bool | None = None,
-             backend: str = "auto") -> list[list[int]]:
+             backend: str = "auto", compile: bool = False) -> list[list[int]]:
     """Generate continuations of token-id prompts of different lengths, batched.
 
     Args:
@@ -222,6 +317,14 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             device), and it serves only the model that first used it (ValueError otherwise).
         use_cuda_graph: capture decode steps in CUDA graphs on CUDA devices (default True).
         backend: the attention backend ("auto", "torch", "triton", "cuda").
+        compile: run decode steps off the GPU through torch.compile (inductor), one graph
+            per batch-size bucket (1, 2, 4, ...) and cache geometry, kept on the model for
+            later calls: the first step of each costs the compile (tens of seconds on a
+            2-core CPU; compile_stats(model) lists them), later ones run the fused graph.
+            If compiling fails, a warning says why and the call decodes eagerly (so do later
+            calls on this model). The default cache then has a power of two of pages, at
+            least 256 tokens' worth, so that calls of similar lengths share a graph. Prefill stays eager. On CUDA
+            devices the CUDA graphs serve and this is ignored.
     Returns:
         The new tokens of each prompt, in order.
     Raises:
@@ -240,11 +343,19 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             raise ValueError(f"prompts[{i}] has {len(prompt)} tokens and max_new_tokens is {max_new_tokens}: "
                              f"{len(prompt) + max_new_tokens} positions, beyond the model's context "
                              f"(max_position_embeddings = {config.max_position_embeddings})")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     device = model.device
+    compiled = None
+    if compile and device.type != "cuda":
+        compiled = _CompiledDecode.of(model)
+        if compiled.error is not None:
+            compiled = None
     if cache is None:
         block_size = _check_int("block_size", block_size, 1)
-        cache = PagedKVCache(config.num_layers, sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts) + 1,
-                             block_size, config.num_kv_heads, config.head_dim, model.dtype, device)
+        needed = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts) + 1
+        cache = PagedKVCache(config.num_layers, _num_blocks(needed, block_size, compiled is not None), block_size,
+                             config.num_kv_heads, config.head_dim, model.dtype, device)
     _check_cache(cache, model)
     max_len = max(len(p) for p in prompts) + max_new_tokens
     max_blocks = -(-max_len // cache.block_size)
@@ -314,6 +425,14 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
                     warnings.warn(f"fourbit.generate: CUDA graph capture failed ({error}); decoding eagerly",
                                   stacklevel=2)
                     graphs = None
+            if compiled is not None:
+                try:
+                    logits = compiled.run(model, cache, input_ids, positions, step, backend)
+                except Exception as error:  # a compile that fails costs speed, not the result
+                    compiled.error = f"{type(error).__name__}: {error}"
+                    warnings.warn(f"fourbit.generate: torch.compile of the decode step failed "
+                                  f"({compiled.error.splitlines()[0]}); decoding eagerly", stacklevel=3)
+                    compiled = None
             if logits is None:
                 logits = model(input_ids, positions, PagedContext(cache, step, backend))
             cache.commit(step)
@@ -324,3 +443,12 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             if seq in cache:
                 cache.free(seq)
     return [outputs[seq] for seq in seqs]
+
+
+def compile_stats(model: Llama) -> dict:
+    """What generate(..., compile=True) did on this model: {"compile_seconds": {(bucket,
+    num_blocks, block_size, dtype, backend): first-call seconds}, "error": why compiling
+    failed or None, "threads": torch's intra-op threads now}."""
+    compiled = model.__dict__.get("_fourbit_compiled_decode") or _CompiledDecode()
+    return {"compile_seconds": dict(compiled.compile_seconds), "error": compiled.error,
+            "threads": torch.get_num_threads()}

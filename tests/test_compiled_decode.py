@@ -1,0 +1,124 @@
+"""generate(..., compile=True): the decode step under torch.compile (inductor's CPU backend)
+gives the eager step's logits, K/V writes and tokens, on fresh random weights and on the
+embedded model; a compile that fails falls back to eager decoding with a warning."""
+
+import pytest
+import torch
+
+import fourbit
+from fourbit.generate import _CompiledDecode, compile_stats
+from fourbit.models import PagedContext
+from helpers import relative_error
+
+
+def _random_llama(seed: int, **config):
+    from fourbit.models.loader import build_model
+    from fourbit.models.random_weights import RandomCheckpoint
+    config = fourbit.models.LlamaConfig(**{**dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3,
+                                                  num_heads=4, num_kv_heads=2), **config})
+    return build_model(RandomCheckpoint(config, seed=seed), "cpu", torch.float32, dict(group_size=32))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _random_llama(seed=int(torch.randint(1 << 30, ())))
+
+
+def _prefilled(model, prompts, num_blocks=32, block_size=8):
+    """A cache (pages holding noise, then the prompts' K/V) and each prompt's next position."""
+    config = model.config
+    cache = fourbit.PagedKVCache(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+                                 torch.float32)
+    cache.kv.normal_()
+    names = list(range(len(prompts)))
+    for name in names:
+        cache.add_sequence(name)
+    with torch.inference_mode():
+        step = cache.plan(names, prompts)
+        positions = torch.cat([torch.arange(len(p)) for p in prompts])
+        model(torch.tensor([t for p in prompts for t in p]), positions, PagedContext(cache, step))
+    return cache, names
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["batch-1", "batch-3-padded-to-4"])
+def test_a_compiled_step_gives_the_eager_logits_and_cache(tiny, batch):
+    """One decode step, compiled and eager, from the same cache: the same logits and the same
+    K/V written (a graph that dropped or misplaced a write fails both). Batch 3 runs in the
+    bucket of 4 with a padding row, which must write nothing."""
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (11, 5, 17)[:batch]]
+    cache, names = _prefilled(tiny, prompts)
+    tokens = torch.randint(0, 96, (batch,))
+    with torch.inference_mode():
+        step = cache.plan(names, [[t] for t in tokens.tolist()])
+        positions = (step.seq_lens - 1).long()
+        before = cache.kv.clone()
+        compiled = _CompiledDecode().run(tiny, cache, tokens, positions, step, "auto")
+        after_compiled = cache.kv.clone()
+        cache.kv.copy_(before)
+        eager = tiny(tokens, positions, PagedContext(cache, step))
+    assert compiled.shape == eager.shape == (batch, 96)
+    assert relative_error(compiled, eager) < 1e-5
+    assert not torch.equal(after_compiled, before)      # the step wrote its K/V ...
+    assert torch.allclose(after_compiled, cache.kv, rtol=1e-5, atol=1e-6)  # ... where eager writes them
+
+
+def test_compiled_generate_gives_the_eager_tokens(tiny):
+    """Prompts of different lengths, batched and alone, greedy: the same tokens compiled and
+    eager; each batch size compiles once (its bucket), later calls reuse the graph."""
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (9, 2, 20)]
+    for batch in (prompts, prompts[:1]):
+        eager = fourbit.generate(tiny, batch, max_new_tokens=12, block_size=8)
+        compiled = fourbit.generate(tiny, batch, max_new_tokens=12, block_size=8, compile=True)
+        assert compiled == eager and all(len(out) == 12 for out in compiled)
+    stats = compile_stats(tiny)
+    assert stats["error"] is None and stats["threads"] == torch.get_num_threads()
+    buckets = sorted(key[0] for key in stats["compile_seconds"])
+    assert buckets == [1, 4], stats
+    fourbit.generate(tiny, prompts[:1], max_new_tokens=12, block_size=8, compile=True)
+    assert len(compile_stats(tiny)["compile_seconds"]) == 2   # no new graph for a call like an earlier one
+
+
+def test_a_compile_that_fails_falls_back_to_eager(monkeypatch):
+    """A model the compiler cannot take whole (a graph break in a layer; fullgraph refuses
+    it): generate warns, decodes eagerly with the same tokens, and does not try again."""
+    model = _random_llama(seed=3)
+    prompts = [[5, 6, 7, 8], [9]]
+    eager = fourbit.generate(model, prompts, max_new_tokens=6, block_size=8)
+    forward = type(model.layers[1]).forward
+
+    def breaking(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(model.layers[1], "forward", breaking.__get__(model.layers[1]))
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+        out = fourbit.generate(model, prompts, max_new_tokens=6, block_size=8, compile=True)
+    assert out == eager
+    assert compile_stats(model)["error"] is not None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        assert fourbit.generate(model, prompts, max_new_tokens=6, block_size=8, compile=True) == eager
+
+
+def test_compile_must_be_a_bool(tiny):
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        fourbit.generate(tiny, [[1, 2]], max_new_tokens=2, compile="yes")
+
+
+def test_compiled_generate_on_the_embedded_model(smollm):
+    """SmolLM2-135M's Q4_1 layers on the CPU kernels: the same greedy tokens compiled and
+    eager, and the same last-step logits."""
+    prompt = [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198]
+    eager = fourbit.generate(smollm, [prompt], max_new_tokens=16)[0]
+    compiled = fourbit.generate(smollm, [prompt], max_new_tokens=16, compile=True)[0]
+    assert compiled == eager
+    cache, names = _prefilled(smollm, [prompt + eager[:-1]], num_blocks=16, block_size=16)
+    with torch.inference_mode():
+        step = cache.plan(names, [[eager[-1]]])
+        positions = (step.seq_lens - 1).long()
+        before = cache.kv.clone()
+        out = _CompiledDecode().run(smollm, cache, torch.tensor([eager[-1]]), positions, step, "auto")
+        cache.kv.copy_(before)
+        ref = smollm(torch.tensor([eager[-1]]), positions, PagedContext(cache, step))
+    assert relative_error(out, ref) < 1e-5
+    assert compile_stats(smollm)["error"] is None

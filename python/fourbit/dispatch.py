@@ -24,6 +24,21 @@ from .backends import unavailable
 GEMV_MAX_M = 4
 DENSE_MIN_M = 512
 
+# The CPU int4 paths by activation dtype and rows of x: from CPU_DENSE_MIN_M[dtype] rows the
+# "cpu" backend dequantizes the weight to x's dtype for the call (format.dequantize; nothing
+# cached) and runs torch's dense matmul, below it the C++ kernel. Measured on the Intel Xeon
+# with AVX-512 BF16 / AMX of bench/results/cpu-xeon-int4.md, 4096 x 4096, group 128, one
+# thread on a loaded machine (bench/results/cpu-decode.md notes the load): the per-call
+# dequantization costs ~150 ms, so dense wins only where the kernel's time grows past it.
+#   bf16: kernel 106 / 371 ms at M = 256 / 1024, dequantize + bf16 matmul 210 / 216 ms.
+#   fp16: 102 / 474 against 237 / 438 ms (within the noise at 1024: kept on the kernel).
+#   fp32: the kernel wins or ties at every M measured (up to 1024: 488 against 546 ms).
+# Between M = 4 and 1024 in bf16 torch's matmul on an already dense bf16 weight is faster
+# than the kernel (2.7 against 3.9 ms at M = 4, 49 against 371 ms at M = 1024), but only with
+# a dense copy of the weight kept: 2 bytes per weight, 3.8x the int4 layer, which "auto"
+# does not make. Both costs scale with N * K, so the threshold holds across shapes.
+CPU_DENSE_MIN_M = {torch.bfloat16: 1024}
+
 
 @dataclasses.dataclass(frozen=True)
 class Int4Kernel:
@@ -37,12 +52,20 @@ def triton_int4_path(m: int) -> str:
     return "gemv" if m <= GEMV_MAX_M else "gemm" if m < DENSE_MIN_M else "dense"
 
 
+def cpu_int4_path(dtype: torch.dtype, m: int) -> str:
+    """The "cpu" backend's int4 path for M rows of x in dtype: "kernel" or "dense" (above)."""
+    return "dense" if m >= CPU_DENSE_MIN_M.get(dtype, float("inf")) else "kernel"
+
+
 def choose_int4_kernel(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> Int4Kernel:
     """The kernel "auto" runs int4_mm with, for x of dtype [m, k] and a weight [n, k] on device.
 
-    CPU: the C++ kernel whenever it is built, for every dtype and M: it beat torch's fp32
-        dense matmul at M = 1, 16 and 64 over seven layer shapes (bench/results/cpu.md, weights
-        rotated past the cache). Not yet compared with torch's int4 kernel on bf16.
+    CPU: the "cpu" backend whenever it is built, on its path by dtype and M (cpu_int4_path):
+        the C++ kernel, which beat torch's fp32 dense matmul at M = 1, 16 and 64 over seven
+        layer shapes (bench/results/cpu.md, weights rotated past the cache), except for bf16
+        from 1024 rows, where dequantizing per call and torch's bf16 matmul beat it
+        (CPU_DENSE_MIN_M). In bf16 from M = 4 torch's matmul on a dense bf16 weight it keeps
+        is faster still (bench/results/cpu-xeon-int4.md); "auto" keeps no such copy.
     CUDA, Ampere or newer with Triton: the Triton path by M (triton_int4_path). The CUDA
         tensor-core kernel ("cuda", fp16/bf16 only) is chosen only once a GPU run has
         measured it faster than Triton on the same shapes: none has.
@@ -52,7 +75,7 @@ def choose_int4_kernel(device: torch.device, dtype: torch.dtype, m: int, n: int,
     if m == 0 or n == 0 or k == 0:
         return Int4Kernel("torch")
     if device.type == "cpu" and unavailable("cpu", device) is None:
-        return Int4Kernel("cpu")
+        return Int4Kernel("cpu", cpu_int4_path(dtype, m))
     if device.type == "cuda" and unavailable("triton", device) is None:
         return Int4Kernel("triton", triton_int4_path(m))
     return Int4Kernel("torch")

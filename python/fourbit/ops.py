@@ -48,7 +48,8 @@ def resolve(backend: str, device: torch.device, op: str, auto) -> str:
 def _int4_mm_impl(x, qweight, scales, offsets, group_len, bias, backend):
     if backend == "cpu":
         from .backends import cpu_int4
-        return cpu_int4.int4_mm(x, qweight, scales, offsets, group_len, bias)
+        path = dispatch.cpu_int4_path(x.dtype, x.shape[0])
+        return cpu_int4.int4_mm(x, qweight, scales, offsets, group_len, bias, path)
     if backend == "triton":
         from .backends import triton_int4
         return triton_int4.int4_mm(x, qweight, scales, offsets, group_len, bias, dispatch.triton_int4_path(x.shape[0]))

@@ -1,12 +1,23 @@
 """The "cpu" backend of int4_mm: the C++ kernel of csrc/cpu/ (AVX-512, AVX2 or portable,
-picked at run time by the CPU's instruction set; FOURBIT_CPU_ISA forces one)."""
+picked at run time by the CPU's instruction set; FOURBIT_CPU_ISA forces one), and for large
+M in bf16 a dense path (dequantize for the call, torch's matmul; dispatch.cpu_int4_path)."""
 
 from __future__ import annotations
 
+import torch
+
+from ..format import dequantize
 from . import _C
 
 
-def int4_mm(x, qweight, scales, offsets, group_len: int, bias=None):
+def int4_mm(x, qweight, scales, offsets, group_len: int, bias=None, path: str = "kernel"):
     """x fp32/bf16/fp16 [M, K] @ canonical int4 weight [N, K] -> [M, N] in x's dtype (ops.int4_mm).
-    The kernel checks its inputs itself (TORCH_CHECK) and takes any strides of x."""
+
+    path "kernel": the C++ kernel, which checks its inputs itself (TORCH_CHECK) and takes any
+    strides of x. "dense" (dispatch.cpu_int4_path picks it for large M): the weight
+    dequantized to x's dtype for this call only, then torch's matmul (accumulating in fp32).
+    """
+    if path == "dense":
+        w = dequantize(qweight, scales, offsets, group_len, x.shape[1], x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     return _C.int4_mm_cpu(x, qweight, scales, offsets, group_len, bias)

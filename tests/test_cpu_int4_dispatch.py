@@ -1,0 +1,58 @@
+"""The CPU int4 paths "auto" picks (dispatch.cpu_int4_path): the C++ kernel, and for bf16
+from CPU_DENSE_MIN_M rows the dense path (dequantize for the call, torch's matmul); the
+dense path computes the op (against the fp32 reference) and "auto" really runs it."""
+
+import pytest
+import torch
+
+import fourbit
+from fourbit import dispatch, ops
+from fourbit.backends import cpu_int4
+from fourbit.reference import int4_mm as reference_int4_mm
+from helpers import relative_error
+
+pytestmark = pytest.mark.skipif(ops._C is None, reason="the C++ extension is not built")
+CPU = torch.device("cpu")
+
+
+def test_auto_picks_dense_only_for_bf16_at_large_m():
+    dense_from = dispatch.CPU_DENSE_MIN_M[torch.bfloat16]
+    assert dispatch.choose_int4_kernel(CPU, torch.bfloat16, dense_from, 4096, 4096) == \
+        dispatch.Int4Kernel("cpu", "dense")
+    for m in (1, 4, 16, 64, 512, dense_from - 1):
+        assert dispatch.choose_int4_kernel(CPU, torch.bfloat16, m, 4096, 4096) == dispatch.Int4Kernel("cpu", "kernel")
+    for dtype in (torch.float32, torch.float16):
+        for m in (1, 64, dense_from, 8 * dense_from):
+            assert dispatch.choose_int4_kernel(CPU, dtype, m, 4096, 4096).path == "kernel"
+    assert dispatch.choose_backend(CPU, torch.bfloat16, dense_from, 4096, 4096) == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_the_dense_path_computes_the_op(dtype, bias):
+    """Against the fp32 reference: within twice plain PyTorch's error in the same dtype (the
+    dense matmul on the dequantized weight rounded to dtype), K = 576 padded to groups of 128."""
+    n, k, m = 1000, 576, 33
+    weight = fourbit.quantize_weight(torch.randn(n, k), 128, dtype=dtype)
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    want = reference_int4_mm(x.float(), weight.qweight, weight.scales, weight.offsets, weight.group_len,
+                             None if b is None else b.float())
+    got = cpu_int4.int4_mm(x, weight.qweight, weight.scales, weight.offsets, weight.group_len, b, path="dense")
+    assert got.dtype == dtype and got.shape == (m, n)
+    plain = torch.nn.functional.linear(x, weight.dequantize(dtype), b)  # plain PyTorch in dtype
+    assert relative_error(got, want) <= 2 * max(relative_error(plain, want), 1e-6)
+
+def test_auto_runs_the_dense_path_at_large_m(monkeypatch):
+    """int4_linear on bf16 x of CPU_DENSE_MIN_M rows goes to the dense path, not the kernel."""
+    called = []
+    def kernel(x, *args):
+        called.append("kernel")
+        return x.new_zeros(x.shape[0], 64)
+    monkeypatch.setattr(cpu_int4._C, "int4_mm_cpu", kernel)
+    weight = fourbit.quantize_weight(torch.randn(64, 256).to(torch.bfloat16), 128)
+    m = dispatch.CPU_DENSE_MIN_M[torch.bfloat16]
+    out = fourbit.int4_linear(torch.randn(m, 256).to(torch.bfloat16), weight)
+    assert called == [] and out.shape == (m, 64)
+    fourbit.int4_linear(torch.randn(3, 256).to(torch.bfloat16), weight)
+    assert called == ["kernel"]

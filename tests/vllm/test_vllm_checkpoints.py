@@ -12,6 +12,9 @@ Per checkpoint of the tiny random Llama (checkpoints.py), in fp32 on the CPU, gr
   within OWN_KERNEL_ATOL;
 - tensor_parallel_size=2 vs 1 (GPTQ and compressed-tensors, whose zero points shard along
   another axis): tokens equal, log-probabilities within LOGPROB_ATOL.
+- in bf16 (vLLM's default dtype on the CPU; GPTQ and AWQ): agrees with fourbit.load_model in
+  bf16 (conftest.assert_agrees_in_bf16); before fourbit asked Linux for AMX, vLLM's AMX
+  attention died of SIGILL here.
 The real tools' checkpoints (.peers/fixtures, `make peer-fixtures`) are served the same way
 where they have been built. Unsupported variants raise, naming the problem.
 """
@@ -28,7 +31,7 @@ from checkpoints import write_checkpoint
 from test_vllm_plugin import _linear_base
 
 import fourbit
-from conftest import TINY, fourbit_logprobs, greedy, serve
+from conftest import TINY, assert_agrees_in_bf16, fourbit_logprobs, greedy, serve
 from fourbit.integrations import vllm as fv
 
 NEW_TOKENS = 16
@@ -124,6 +127,17 @@ def test_tensor_parallel_2_equals_1(name, case, prompts, monkeypatch):
     assert tp_tokens == tokens
     for lps, tp in zip(logprobs, tp_logprobs):
         assert tp == pytest.approx(lps, abs=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("name", ["gptq-asym-g64", "awq-gemm-g64"])
+def test_bf16_agrees_with_fourbit_bf16(name, case, prompts):
+    if case[0] != name:
+        pytest.skip(f"runs with the {name} checkpoint")
+    _, directory, _, _ = case
+    with serve(directory, quantization="fourbit", dtype="bfloat16") as llm:
+        tokens, logprobs = greedy(llm, prompts, NEW_TOKENS)
+    model = fourbit.load_model(directory, device="cpu", dtype=torch.bfloat16)
+    assert_agrees_in_bf16(model, prompts, tokens, logprobs)
 
 
 # ---- the real tools' checkpoints (make peer-fixtures) -------------------------------------

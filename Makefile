@@ -24,7 +24,7 @@ LINT_PATHS := python kernels tests bench setup.py $(wildcard csrc/*.py)
 RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 
 .PHONY: demo test lint bench bench-slow bench-smoke cuda-check kernel-check kernel-figures gpu-check clean \
-        peer-venv peer-fixtures peer-test vllm-venv vllm-test
+        peer-venv peer-fixtures peer-test vllm-venv vllm-test llama-bench bench-llama-cpp
 
 demo: $(VENV)/.built
 	$(PY) -m fourbit demo
@@ -192,6 +192,34 @@ vllm-venv: $(VLLM_VENV)/.fourbit
 
 vllm-test: $(VLLM_VENV)/.fourbit
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest tests/vllm -q -p no:cacheprovider --confcutdir=tests/vllm
+
+# ---- llama.cpp, the CPU peer (bench/llama_cpp.py) ----
+# llama-bench and llama-batched-bench built from the llama.cpp source vendored in the PyPI sdist
+# of llama-cpp-python (PyPI is all this needs), native to this CPU (-DGGML_NATIVE=ON), static,
+# into .peers/llama.cpp/build/bin/. Without AMX (-mno-amx-*; no-ops on CPUs without it): on this
+# project's Xeon VM llama.cpp's AMX matmul (ggml_backend_amx_mul_mat) segfaults on the first
+# prompt. `make bench-llama-cpp` then writes $(RESULTS)/cpu-llama-cpp.{md,json}: fourbit and
+# llama.cpp side by side on the embedded GGUF. Run it on a quiet machine: llama.cpp's threads
+# spin at barriers, so with the cores shared it slows by orders of magnitude (0.96 tokens/s
+# at 2 threads under a load of 8, where 1 thread gave 32).
+LLAMA_CPP_PY ?= 0.3.36
+LLAMA_CPP_DIR := .peers/llama.cpp
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+
+$(LLAMA_CPP_DIR)/build/bin/llama-bench:
+	mkdir -p $(LLAMA_CPP_DIR)
+	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_PY)" -d $(LLAMA_CPP_DIR)
+	tar xzf $(LLAMA_CPP_DIR)/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(LLAMA_CPP_DIR)
+	cmake -S $(LLAMA_CPP_DIR)/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp -B $(LLAMA_CPP_DIR)/build \
+	  -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)" \
+	  > $(LLAMA_CPP_DIR)/cmake.log
+	cmake --build $(LLAMA_CPP_DIR)/build --target llama-bench llama-batched-bench -j2 > $(LLAMA_CPP_DIR)/build.log
+
+llama-bench: $(LLAMA_CPP_DIR)/build/bin/llama-bench
+
+bench-llama-cpp: llama-bench $(VENV)/.built
+	$(PY) bench/llama_cpp.py --out $(RESULTS)/cpu-llama-cpp
 
 clean:
 	rm -rf build $(VENV) python/fourbit/*.so *.egg-info python/*.egg-info

@@ -26,9 +26,15 @@ using cpu::AttentionBlock;
 using cpu::Isa;
 using cpu::PagedAttentionArgs;
 
-// Decode partitions hold at least this many keys: below it the merge and the per-block setup
-// (loading the group's queries) stop being small against reading the keys.
-constexpr int64_t kMinPartition = 256;
+// Decode partitions hold at least kMinPartition keys x kv heads and kMinPartitionKeys keys:
+// below that the merge and the per-block setup (loading the queries) stop being small against
+// reading the keys.
+constexpr int64_t kMinPartition = 512;
+constexpr int64_t kMinPartitionKeys = 64;
+// Query rows (kv heads x their group) per decode block: a block sweeps each page run over all
+// its kv heads (the rows of a page lie head after head, so the sweep reads memory in order);
+// the rows' Q and O (2 x 32 x D floats) stay in L1 / L2.
+constexpr int64_t kDecodeRows = 32;
 // Blocks per thread the decode plan aims for, so that uneven lengths still even out over the
 // threads (blocks are taken from a shared counter, longest first).
 constexpr int64_t kBlocksPerThread = 4;
@@ -120,7 +126,7 @@ Kernel pick_kernel() {
 void run_blocks(const PagedAttentionArgs& a, const std::vector<AttentionBlock>& blocks, const Kernel& kernel) {
   if (blocks.empty()) return;
   int64_t rows = 1;
-  for (const auto& b : blocks) rows = std::max(rows, b.tokens * a.group);
+  for (const auto& b : blocks) rows = std::max(rows, b.tokens * a.group * b.kv_heads);
   const int64_t scratch_floats = cpu::attention_scratch_floats(rows, a.head_dim, kernel.width);
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(blocks.size()));
   std::atomic<int64_t> next{0};
@@ -146,20 +152,26 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
   if (batch == 0) return out.to(q.scalar_type());
   const Kernel kernel = pick_kernel();
 
+  // Blocks of `head_span` consecutive kv heads (kv heads split into equal spans of at most
+  // kDecodeRows query rows).
+  const int64_t spans = (a.num_kv_heads * group + kDecodeRows - 1) / kDecodeRows;
+  const int64_t head_span = (a.num_kv_heads + std::min(spans, a.num_kv_heads) - 1) / std::min(spans, a.num_kv_heads);
+  const int64_t head_blocks = (a.num_kv_heads + head_span - 1) / head_span;
+
   // Split-KV plan, from seq_lens on the host (a CPU tensor: no synchronization). Partitions
   // of `chunk` keys or more, enough that every thread has kBlocksPerThread blocks: with
-  // batch x kv heads at or above that, no sequence is split; a long sequence with few heads
-  // is, and the partitions are merged through their log-sum-exps.
+  // batch x head spans at or above that, no sequence is split; a long sequence with few
+  // blocks is, and the partitions are merged through their log-sum-exps.
   const int64_t capacity = a.max_blocks * a.block_size;
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   std::vector<int64_t> len(batch), part(batch), splits(batch);
   int64_t total = 0;
   for (int64_t b = 0; b < batch; ++b) {
     len[b] = clamp_len(lens[b], capacity);
-    total += std::max<int64_t>(len[b], 1) * a.num_kv_heads;
+    total += std::max<int64_t>(len[b], 1) * head_blocks;
   }
   const int64_t target = kBlocksPerThread * at::get_num_threads();
-  const int64_t chunk = std::max(kMinPartition, (total + target - 1) / target);
+  const int64_t chunk = std::max({kMinPartitionKeys, (kMinPartition + head_span - 1) / head_span, (total + target - 1) / target});
   int64_t max_splits = 1;
   for (int64_t b = 0; b < batch; ++b) {
     part[b] = cpu::decode_partition_keys(len[b], chunk, kernel.width);
@@ -175,14 +187,15 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
   }
   float* out_ptr = out.data_ptr<float>();
   std::vector<AttentionBlock> blocks;
-  blocks.reserve(batch * a.num_kv_heads * max_splits);
+  blocks.reserve(batch * head_blocks * max_splits);
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t kvh = 0; kvh < a.num_kv_heads; ++kvh) {
-      const int64_t row = b * heads + kvh * group;  // the group's first head
+    for (int64_t kvh = 0; kvh < a.num_kv_heads; kvh += head_span) {
+      const int64_t row = b * heads + kvh * group;  // the span's first query head
       for (int64_t s = 0; s < splits[b]; ++s) {
         AttentionBlock blk{};
         blk.b = b;
         blk.kvh = kvh;
+        blk.kv_heads = std::min(head_span, a.num_kv_heads - kvh);
         blk.q_token = b;
         blk.tokens = 1;
         blk.first_pos = len[b] - 1;

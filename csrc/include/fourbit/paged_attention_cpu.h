@@ -54,7 +54,10 @@ struct PagedAttentionArgs {
 };
 
 struct AttentionBlock {
-  int64_t b, kvh;
+  // kv heads kvh .. kvh + kv_heads - 1 (decode takes several, so that a page's rows, which lie
+  // head after head, are read in one sweep; prefill takes one). Their rows follow one another:
+  // head h, group row g is row (h - kvh) * group + g of the block's outputs.
+  int64_t b, kvh, kv_heads = 1;
   int64_t q_token;    // row of q (and of the output) of the block's first token
   int64_t tokens;     // consecutive query tokens, >= 1
   int64_t first_pos;  // position of the first token in its sequence (may be < 0 on bad tables)
@@ -73,7 +76,9 @@ struct AttentionBlock {
 // width `width` (16 on AVX-512, 8 otherwise).
 int64_t attention_scratch_floats(int64_t rows, int64_t head_dim, int width);
 
-// One block. Safe to call from many threads on disjoint outputs, each with its own scratch.
+// One block. The AVX-512 kernel runs decode blocks (tokens == 1, head_dim a multiple of 32)
+// on its own path (paged_attention_avx512.cpp says how); every other block goes one kv head at
+// a time through the tile algorithm above. Safe to call from many threads on disjoint outputs, each with its own scratch.
 void attend_block_portable(const PagedAttentionArgs& a, const AttentionBlock& block, float* scratch);
 void attend_block_avx2(const PagedAttentionArgs& a, const AttentionBlock& block, float* scratch);
 void attend_block_avx512(const PagedAttentionArgs& a, const AttentionBlock& block, float* scratch);

@@ -307,12 +307,21 @@ static void attend_block_typed(const PagedAttentionArgs& a, const AttentionBlock
   }
 }
 
+// One kv head at a time: the tile algorithm's rows are one head's group (its Kt tile serves
+// them all), so a block of several heads is several blocks of one.
 template <class V>
 static void attend_block_impl(const PagedAttentionArgs& a, const AttentionBlock& blk, float* scratch) {
-  switch (a.dtype) {
-    case KvDtype::kFloat32: return attend_block_typed<V, float>(a, blk, scratch);
-    case KvDtype::kBFloat16: return attend_block_typed<V, Bf16>(a, blk, scratch);
-    case KvDtype::kFloat16: return attend_block_typed<V, Fp16>(a, blk, scratch);
+  for (int64_t h = 0; h < blk.kv_heads; ++h) {
+    AttentionBlock one = blk;
+    one.kvh = blk.kvh + h;
+    one.kv_heads = 1;
+    one.out = blk.out + h * a.group * blk.out_stride_head;
+    if (blk.lse != nullptr) one.lse = blk.lse + h * a.group * blk.lse_stride_head;
+    switch (a.dtype) {
+      case KvDtype::kFloat32: attend_block_typed<V, float>(a, one, scratch); break;
+      case KvDtype::kBFloat16: attend_block_typed<V, Bf16>(a, one, scratch); break;
+      case KvDtype::kFloat16: attend_block_typed<V, Fp16>(a, one, scratch); break;
+    }
   }
 }
 

@@ -24,6 +24,18 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
 // The vector instruction set the CPU kernel picked at run time: "avx512", "avx2" or "portable".
 const char* int4_mm_cpu_isa();
 
+// int8 weight-only matmul on the CPU (csrc/cpu/int8_mm.cpp): out = x @ (q * s).T + bias, each
+// scale s[n, g] applying to q[n, g * group_len .. (g + 1) * group_len - 1], fp32 accumulation.
+//   x        fp32 | bf16 | fp16 [M, K], any strides (made contiguous if needed)
+//   qweight  int8 [N, K];  scales fp32 | bf16 | fp16 [N, K / group_len]
+//   group_len  K (one scale per row) or a multiple of 32 dividing K (GGUF Q8_0: 32)
+//   bias     optional, any float dtype, [N]
+// returns    [M, N] in x's dtype.
+at::Tensor int8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_len,
+                       const std::optional<at::Tensor>& bias);
+// The vector instruction set the int8 kernel picks at run time: "avx512", "avx2" or "portable".
+const char* int8_mm_cpu_isa();
+
 // Paged KV cache on the CPU (csrc/cpu/paged_attention.cpp; layout: python/fourbit/kv_cache.py),
 // AVX-512 / AVX2 / portable like int4_mm_cpu, fp32 accumulation, GQA, any head_dim.
 //   k_cache, v_cache  contiguous fp32 | bf16 | fp16 [num_blocks, block_size, num_kv_heads, head_dim]

@@ -18,6 +18,11 @@ TORCH_LIBRARY(fourbit, m) {
       "int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_len, "
       "Tensor? bias, str backend) -> Tensor");
 
+  // out = x @ (qweight * scales).T + bias, fp32 accumulation: int8 weight-only (GGUF Q8_0 and
+  // int8 heads). x [M, K]; qweight int8 [N, K]; scales [N, K/group_len], group_len K or a
+  // multiple of 32 dividing K; returns [M, N] in x's dtype.
+  m.def("int8_mm(Tensor x, Tensor qweight, Tensor scales, int group_len, Tensor? bias, str backend) -> Tensor");
+
   // Paged KV cache (layout: python/fourbit/kv_cache.py). Caches are
   // [num_blocks, block_size, num_kv_heads, head_dim]; block_tables int32 [B, max_blocks];
   // seq_lens int32 [B]; slot_mapping int64 [T] (page * block_size + row, -1 = skip).
@@ -54,6 +59,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"));
   m.def("write_kv_cpu", &fourbit::write_kv_cpu, "paged KV cache write, C++ CPU kernel", py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
+  m.def("int8_mm_cpu", &fourbit::int8_mm_cpu, "int8 weight-only matmul, C++ CPU kernel", py::arg("x"),
+        py::arg("qweight"), py::arg("scales"), py::arg("group_len"), py::arg("bias") = py::none());
+  m.def("int8_mm_cpu_isa", &fourbit::int8_mm_cpu_isa, "vector instruction set of the CPU int8 kernel on this machine");
 #ifdef FOURBIT_WITH_CUDA
   m.def("int4_mm_cuda", &fourbit::int4_mm_cuda, "int4 weight-only matmul, CUDA tensor-core kernel (M <= 64)",
         py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("offsets"), py::arg("n"), py::arg("group_len"),

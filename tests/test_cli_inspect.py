@@ -50,7 +50,8 @@ def test_inspect_embedded_gguf(capsys):
     assert "layers 0-29: q,k,v,o,gate,up,down Q4_1 int4 g32 asym\n" in out
     assert "embed Q8_0 (float); norm F32 (float); lm_head tied to the embedding" in out
     assert "layers 0-29: qkv,o,gate_up,down Int4Linear g32\n" in out
-    assert "lm_head nn.Linear (tied to the embedding)" in out
+    assert "lm_head Int8Linear g32 (tied: the embedding reads its int8 rows); the embedding int8, the norms float" \
+        in out
     assert 'Int4Linear backend "auto" on this machine (cpu, torch.float32)' in out
 
 
@@ -114,7 +115,8 @@ def test_convert_gguf_q4_0_exactly_and_q4_1_only_with_dense_fallback(tiny_gguf, 
     q, k, v = source.layers[1].self_attn.qkv_proj.parts
     assert torch.equal(exported.layers[1].self_attn.qkv_proj.weight,
                        torch.cat([q.weight.dequantize(), k.weight, v.weight]))
-    assert torch.equal(exported.embed_tokens.weight, source.embed_tokens.weight)
+    # the Q8_0 embedding (int8 in the source) exported as its exact float rows
+    assert torch.equal(exported.embed_tokens.weight, source.embed_tokens.weight.dequantize())
     assert torch.equal(exported.layers[1].mlp.down_proj.weight, source.layers[1].mlp.down_proj.weight.dequantize())
     with torch.no_grad():  # layer 1's down_proj: float matmul of the same weights, not the int4 kernel
         x = torch.randint(0, 300, (1, 9))

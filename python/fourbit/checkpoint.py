@@ -10,11 +10,17 @@ previous checkpoint still uses). Every file carries the same metadata:
     quantized       JSON {module name: {group_size, symmetric, act_order, in_features, out_features}}
     concat          JSON {module name: [out_features of each part]} for ConcatLinear layers
                     (fused projections whose parts stay apart; absent when there are none)
+    int8            JSON {module name: {kind "linear", in_features, out_features, group_size,
+                    bias} | {kind "embedding", num_embeddings, embedding_dim, group_size,
+                    dtype, tied_to}} for Int8Linear and Int8Embedding layers (absent when
+                    there are none); tied_to names the Int8Linear whose weight a tied
+                    embedding reads (it stores nothing of its own), or is null
     aliases         JSON {state-dict name: stored name} for tensors shared in the model
                     (tied embeddings are stored once)
     checkpoint_id   sharded only: a random id of the save; every shard carries its index's
 
-Int4Linear layers are stored in the canonical packing (qweight, scales, offsets).
+Int4Linear layers are stored in the canonical packing (qweight, scales, offsets); int8 layers
+as their int8 qweight and scales, in the scales' own dtype (a GGUF Q8_0 head's fp16).
 
 Saves are atomic as a whole. Each file is written under a hidden temporary name, flushed
 to disk and renamed into place. The new checkpoint replaces the old in one step, the
@@ -46,7 +52,7 @@ from torch import nn
 
 from . import _checks
 from .format import COMPUTE_DTYPES, FORMAT_VERSION, READABLE_FORMAT_VERSIONS, check_perm
-from .nn import ConcatLinear, Int4Linear, _set_submodule
+from .nn import ConcatLinear, Int4Linear, Int8Embedding, Int8Linear, _set_submodule
 
 try:
     import fcntl
@@ -64,6 +70,65 @@ def _quantized_modules(model: nn.Module) -> dict[str, dict]:
     return {name: dict(group_size=m.group_size, symmetric=m.symmetric, act_order=m.act_order,
                        in_features=m.in_features, out_features=m.out_features)
             for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+
+
+def _int8_modules(model: nn.Module) -> dict[str, dict]:
+    names = {id(m): name for name, m in model.named_modules()}
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            out[name] = dict(kind="linear", in_features=m.in_features, out_features=m.out_features,
+                             group_size=m.group_size, bias=m.bias is not None)
+        elif isinstance(m, Int8Embedding):
+            if m.head is not None and id(m.head) not in names:
+                raise ValueError(f"{name} is tied to an Int8Linear that is not part of the model")
+            out[name] = dict(kind="embedding", num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim,
+                             group_size=m.group_size, dtype=str(m.dtype).removeprefix("torch."),
+                             tied_to=names[id(m.head)] if m.head is not None else None)
+    return out
+
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in COMPUTE_DTYPES}
+
+
+def _int8_swaps(int8: dict, submodule, path: Path) -> dict[str, nn.Module]:
+    """The Int8Linear and Int8Embedding modules (on meta) the checkpoint's int8 metadata names,
+    each checked against the module of the model it replaces."""
+    swaps: dict[str, nn.Module] = {}
+    for name, cfg in sorted(int8.items(), key=lambda item: item[1].get("kind") != "linear"):  # heads first
+        try:
+            old = submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path} stores module {name!r} as int8, which the model does not have") from None
+        try:
+            if cfg["kind"] == "linear":
+                if not isinstance(old, (nn.Linear, Int8Linear)) or \
+                        (old.in_features, old.out_features) != (cfg["in_features"], cfg["out_features"]):
+                    raise ValueError(f"Int8Linear({cfg['in_features']}, {cfg['out_features']}) but the model has {old}")
+                swaps[name] = Int8Linear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["group_size"],
+                                         device="meta")
+            elif cfg["kind"] == "embedding":
+                shape = (cfg["num_embeddings"], cfg["embedding_dim"])
+                if not isinstance(old, (nn.Embedding, Int8Embedding)) or \
+                        (old.num_embeddings, old.embedding_dim) != shape:
+                    raise ValueError(f"Int8Embedding{shape} but the model has {old}")
+                dtype = _DTYPES[cfg["dtype"]]
+                head = cfg.get("tied_to")
+                if head is not None:
+                    if not isinstance(swaps.get(head), Int8Linear) or swaps[head].weight.shape != shape or \
+                            swaps[head].group_size != cfg["group_size"]:
+                        raise ValueError(f"an embedding tied to {head!r}, which the checkpoint does not store as a "
+                                         f"matching Int8Linear")
+                    swaps[name] = Int8Embedding.tied(swaps[head], dtype)
+                else:
+                    swaps[name] = Int8Embedding(*shape, cfg["group_size"], dtype, device="meta")
+            else:
+                raise ValueError(f"unknown int8 kind {cfg['kind']!r}")
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path}: bad int8 metadata for {name!r}: {error!r}") from None
+        except ValueError as error:
+            raise ValueError(f"{path} stores {name!r} as {error}") from None
+    return swaps
 
 
 # -- writing files atomically -------------------------------------------------------------
@@ -197,6 +262,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike,
                 "quantized": json.dumps(_quantized_modules(model)), "aliases": json.dumps(aliases)}
     if concat := _concat_modules(model):
         metadata["concat"] = json.dumps(concat)
+    if int8 := _int8_modules(model):
+        metadata["int8"] = json.dumps(int8)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -244,7 +311,7 @@ def _read_metadata(metadata: dict[str, str], path: Path) -> tuple[dict, dict]:
         raise ValueError(f"{path} has fourbit format version {version!r}; this fourbit reads "
                          f"versions {READABLE_FORMAT_VERSIONS}")
     return (json.loads(metadata.get("quantized", "{}")), json.loads(metadata.get("aliases", "{}")),
-            json.loads(metadata.get("concat", "{}")))
+            json.loads(metadata.get("concat", "{}")), json.loads(metadata.get("int8", "{}")))
 
 
 def _read_tensors(path: Path, metadata: dict[str, str], files: dict[str, Path],
@@ -297,7 +364,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
     path = Path(path)
     device = torch.device(device or "cpu")
     metadata, files = _checkpoint_files(path)
-    quantized, aliases, concat = _read_metadata(metadata, path)
+    quantized, aliases, concat, int8 = _read_metadata(metadata, path)
 
     # The modules to swap in, built on meta: they describe the expected names and shapes.
     # ConcatLinear layers first (their float parts), then the Int4Linear ones, which may be
@@ -333,6 +400,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
         swaps[name] = Int4Linear(cfg["in_features"], cfg["out_features"], old.bias is not None,
                                  cfg["group_size"], cfg["symmetric"], device="meta",
                                  act_order=cfg.get("act_order", False))
+    swaps.update(_int8_swaps(int8, submodule, path))
     for name, module in swaps.items():  # parts of a staged ConcatLinear go into it now
         prefix = next((p for p in staged if name.startswith(p + ".")), None)
         if prefix is not None:
@@ -364,11 +432,13 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
         if tuple(t.shape) != tuple(want.shape) or not dtype_ok:
             raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, the model "
                              f"expects {want.dtype} {tuple(want.shape)}")
-    for name in swaps:  # the int4 format's rules for the other tensors of a layer
-        for part in ("scales", "offsets"):
+    for name in swaps:  # the int4 and int8 formats' rules for the other tensors of a layer
+        for part in ("scales", "offsets") if isinstance(swaps[name], Int4Linear) else ("scales",):
+            if f"{name}.{part}" not in loaded:  # a tied Int8Embedding stores nothing
+                continue
             t = loaded[f"{name}.{part}"]
             if t.dtype not in COMPUTE_DTYPES:
-                raise ValueError(f"{path}: tensor '{name}.{part}' is {t.dtype}; int4 {part} are one "
+                raise ValueError(f"{path}: tensor '{name}.{part}' is {t.dtype}; {part} are one "
                                  f"of {COMPUTE_DTYPES}")
         if f"{name}.perm" in loaded:
             try:
@@ -378,7 +448,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None) -> nn
 
     # Everything checked: now change the model.
     for name, module in replaced.items():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, (Int4Linear, Int8Linear)):
             module.backend = getattr(model.get_submodule(name), "backend", "auto")
         _set_submodule(model, name, module)
     model.load_state_dict(loaded, strict=True, assign=True)

@@ -368,10 +368,15 @@ def inspect_cmd(args) -> None:
     print("fourbit runs:")
     for line in _collapse([_group_roles(_runs_as(layer, config)) for layer in layers]):
         print(f"  {line}")
-    head = ends.get("lm_head")
-    head_runs = "nn.Linear (tied to the embedding)" if config.tie_word_embeddings or head is None else \
-        (f"Int4Linear g{head.int4[0]}" if head.int4 else "nn.Linear")
-    print(f"  lm_head {head_runs}; the embedding and norms float")
+    head, embed = ends.get("lm_head"), ends.get("embed")
+    q8_0 = lambda e: e is not None and e.label == "Q8_0"  # noqa: E731  (GGUF ends: int8, load_model(int8=True))
+    if config.tie_word_embeddings or head is None:
+        head_runs = "Int8Linear g32 (tied: the embedding reads its int8 rows)" if q8_0(embed) else \
+            "nn.Linear (tied to the embedding)"
+    else:
+        head_runs = f"Int4Linear g{head.int4[0]}" if head.int4 else "Int8Linear g32" if q8_0(head) else "nn.Linear"
+    print(f"  lm_head {head_runs}; " + ("the embedding int8, the norms float" if q8_0(embed) else
+                                        "the embedding and norms float"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     n, k = config.hidden_size, config.hidden_size

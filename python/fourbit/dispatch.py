@@ -86,6 +86,17 @@ def choose_backend(device: torch.device, dtype: torch.dtype, m: int, n: int, k: 
     return choose_int4_kernel(device, dtype, m, n, k).backend
 
 
+def choose_int8_backend(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> str:
+    """The backend "auto" runs int8_mm with: on the CPU the C++ kernel whenever it is built
+    (every dtype and M: it reads a quarter of the fp32 weight's bytes, and past 16 rows it
+    multiplies dequantized panels at the fp32 GEMM rate, bench/results/cpu-int8.md); elsewhere,
+    or for an empty product, the reference (no GPU int8 kernel yet)."""
+    device = torch.device(device)
+    if m and n and k and device.type == "cpu" and unavailable("cpu", device, "int8_mm") is None:
+        return "cpu"
+    return "torch"
+
+
 def choose_attention_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """What "auto" runs write_kv and the paged attention ops with.
 

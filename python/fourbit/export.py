@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import _directory_lock, _fsync_dir, _remove_stale, _write_atomic
 from .format import COMPUTE_DTYPES, Int4Weight, pack_int4, select_rows, unpack_int4
-from .nn import ConcatLinear, Int4Linear
+from .nn import ConcatLinear, Int4Linear, Int8Embedding, Int8Linear
 
 QUANT_METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
@@ -190,6 +190,9 @@ def plan_export(model, dtype: torch.dtype, dense_fallback: bool = False) -> list
                 else:
                     tensors, scheme = _int4_tensors(hf_name, weight, z, dtype)
                     layer = ExportedLayer(hf_name, tensors, scheme)
+            elif isinstance(module, Int8Linear):  # int8 (a GGUF Q8_0 head): its exact float weight
+                w = module.weight.dequantize()[lo:start].to("cpu")
+                layer = ExportedLayer(hf_name, _dense(hf_name, w, dtype), None)
             else:
                 w = module.weight.detach()[lo:start].to("cpu")
                 layer = ExportedLayer(hf_name, {f"{hf_name}.weight": w.to(dtype).contiguous()}, None)
@@ -226,7 +229,7 @@ def quantization_config(layers: list[ExportedLayer]) -> dict:
 
 
 def _model_dtype(model) -> torch.dtype:
-    return model.embed_tokens.weight.dtype
+    return model.dtype
 
 
 def save_compressed_tensors(model, directory, tokenizer=None, *, dense_fallback: bool = False,
@@ -261,7 +264,9 @@ def save_compressed_tensors(model, directory, tokenizer=None, *, dense_fallback:
     tensors = {}
     for layer in layers:
         tensors.update(layer.tensors)
-    ends = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
+    embed = model.embed_tokens  # an int8 one (GGUF Q8_0) as its exact float rows
+    embed_weight = embed.weight.dequantize() if isinstance(embed, Int8Embedding) else embed.weight
+    ends = {"model.embed_tokens.weight": embed_weight, "model.norm.weight": model.norm.weight}
     for i, block in enumerate(model.layers):
         ends[f"model.layers.{i}.input_layernorm.weight"] = block.input_layernorm.weight
         ends[f"model.layers.{i}.post_attention_layernorm.weight"] = block.post_attention_layernorm.weight

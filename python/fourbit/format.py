@@ -330,3 +330,86 @@ def unpack_mma_weight(packed: torch.Tensor, scales_t: torch.Tensor, offsets_t: t
     q = torch.zeros(n, k_padded, dtype=torch.uint8, device=packed.device)
     q[:, :k] = unpack_mma(packed, n, k)
     return pack_int4(q), scales_t.t().contiguous(), offsets_t.t().contiguous()
+
+
+# ---- The int8 weight-only format (GGUF Q8_0, int8 embeddings and heads) ----
+#
+#     w[n, k] = q[n, k] * s[n, k // group_len]
+#
+# q int8 [N, K] (row-major, no packing), s [N, K / group_len] in fp32, bf16 or fp16. group_size
+# -1 is one scale per output row (group_len = K, any K); otherwise a multiple of 32 dividing K
+# (GGUF Q8_0: 32, with fp16 scales, so that q * s is exact in fp32 and the import is lossless).
+
+def int8_group_len(k: int, group_size: int) -> int:
+    """Input channels per int8 scale: K for group_size -1, else group_size, which must be a
+    positive multiple of 32 dividing K (ValueError otherwise)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"int8 group_size must be an int (-1 or a multiple of 32), got {group_size!r}")
+    if k < 1:
+        raise ValueError(f"an int8 weight needs K >= 1 input channels, got {k}")
+    if group_size == -1:
+        return k
+    if group_size <= 0 or group_size % 32 or k % group_size:
+        raise ValueError(f"int8 group_size must be -1 (one scale per row) or a multiple of 32 dividing "
+                         f"K = {k}, got {group_size}")
+    return group_size
+
+
+class Int8Weight:
+    """An int8 weight-only matrix: w = q * s per group (see the section comment above).
+
+    Attributes:
+        qweight: int8 [N, K].
+        scales: [N, K / group_len], fp32, bf16 or fp16.
+        group_size: -1 (one scale per row) or a multiple of 32 dividing K.
+        shape: (N, K).
+    """
+
+    __slots__ = ("qweight", "scales", "group_size", "shape")
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, group_size: int):
+        _checks.tensor("qweight", qweight)
+        _checks.tensor("scales", scales)
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise TypeError(f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
+        n, k = qweight.shape
+        glen = int8_group_len(k, group_size)
+        if scales.dtype not in COMPUTE_DTYPES:
+            raise TypeError(f"scales must be one of {COMPUTE_DTYPES}, got {scales.dtype}")
+        if tuple(scales.shape) != (n, k // glen):
+            raise ValueError(f"scales must be [N, K / group_len] = {(n, k // glen)}, got {tuple(scales.shape)}")
+        if qweight.device != scales.device:
+            raise ValueError(f"qweight and scales must be on one device, got {qweight.device} and {scales.device}")
+        self.qweight, self.scales, self.group_size, self.shape = qweight, scales, group_size, (n, k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the scales are stored in."""
+        return self.scales.dtype
+
+    @property
+    def group_len(self) -> int:
+        return int8_group_len(self.shape[1], self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] in dtype: q * s computed in fp32 (exact for 16-bit scales), then cast."""
+        return dequantize_int8(self.qweight, self.scales, self.group_len).to(dtype)
+
+    def to(self, device) -> Int8Weight:
+        return Int8Weight(self.qweight.to(device), self.scales.to(device), self.group_size)
+
+    def __repr__(self) -> str:
+        return f"Int8Weight(shape={self.shape}, group_size={self.group_size}, scales={self.scales.dtype})"
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, group_len: int) -> torch.Tensor:
+    """fp32 [N, K] = q * s, scale s[n, g] over columns g * group_len .. (g + 1) * group_len - 1
+    (any leading dimensions of rows: an embedding's gathered rows too)."""
+    *rows, k = qweight.shape
+    groups = scales.shape[-1]
+    w = qweight.float().reshape(*rows, groups, group_len) * scales.float().unsqueeze(-1)
+    return w.reshape(*rows, k)

@@ -1,4 +1,5 @@
-"""Drop-in modules: Int4Linear, and quantize_ to swap a model's nn.Linear layers."""
+"""Drop-in modules: Int4Linear, Int8Linear and Int8Embedding (int8 weight-only: GGUF Q8_0,
+int8 heads), and quantize_ to swap a model's nn.Linear layers."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ from .backends import check_backend_name
 from .format import (
     COMPUTE_DTYPES,
     Int4Weight,
+    Int8Weight,
     check_group_size,
+    dequantize_int8,
     group_len,
+    int8_group_len,
     padded_k,
     prepack_mma_weight,
     unpack_mma_weight,
 )
 from .kv_cache import PagedBatch
-from .ops import check_activation, linear, paged_attention, paged_prefill_attention, write_kv
-from .quantize import CALIBRATED_METHODS, Int4WeightOnlyConfig, as_config, quantize_weight
+from .ops import check_activation, linear, linear_int8, paged_attention, paged_prefill_attention, write_kv
+from .quantize import CALIBRATED_METHODS, Int4WeightOnlyConfig, as_config, quantize_int8_weight, quantize_weight
 from .quantizers import calibration_ids, quantize_calibrated
 
 
@@ -192,6 +196,159 @@ class Int4Linear(nn.Module):
                 + (", act_order=True" if self.perm is not None else ""))
 
 
+def _int8_buffers(module: nn.Module, n: int, k: int, group_size: int, dtype, device) -> None:
+    module.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, device=device))
+    module.register_buffer("scales", torch.ones(n, k // int8_group_len(k, group_size), dtype=dtype, device=device))
+
+
+def _compute_dtype(dtype) -> torch.dtype:
+    dtype = dtype or torch.get_default_dtype()
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
+    return dtype
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights (W8A16): y = x @ W.T + b, W = q * s per group
+    (format.Int8Weight): GGUF Q8_0 tensors load into it exactly, and a float lm_head can be
+    quantized to it (Int4WeightOnlyConfig.lm_head_int8).
+
+    Buffers: qweight int8 [out_features, in_features]; scales [out_features, in_features /
+    group_len] in fp32, bf16 or fp16 (group_len = in_features for group_size -1).
+    Parameter: bias [out_features] or None. Attribute backend: "auto", "torch" or "cpu".
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = -1,
+                 dtype: torch.dtype | None = None, device=None, backend: str = "auto"):
+        super().__init__()
+        in_features = _checks.positive_int("in_features", in_features)
+        out_features = _checks.positive_int("out_features", out_features)
+        _checks.boolean("bias", bias)
+        int8_group_len(in_features, group_size)
+        dtype = _compute_dtype(dtype)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        _int8_buffers(self, out_features, in_features, group_size, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.backend = check_backend_name(backend)
+
+    @classmethod
+    def from_linear(cls, linear_module: nn.Linear, group_size: int = -1, backend: str = "auto") -> Int8Linear:
+        """Quantize an nn.Linear to symmetric int8 (round to nearest, quantize_int8_weight);
+        the scales keep the linear's dtype."""
+        w = linear_module.weight
+        if w.device.type == "meta":
+            raise ValueError("cannot quantize a linear layer on the meta device: it holds no weights")
+        module = cls(linear_module.in_features, linear_module.out_features, linear_module.bias is not None,
+                     group_size, dtype=w.dtype, device="meta", backend=backend)
+        module.load_weight(quantize_int8_weight(w, group_size), linear_module.bias)
+        return module
+
+    def load_weight(self, weight: Int8Weight, bias: torch.Tensor | None = None) -> None:
+        """Take an Int8Weight (and bias) as this layer's weights, replacing the buffers."""
+        if not isinstance(weight, Int8Weight):
+            raise TypeError(f"weight must be a fourbit.Int8Weight, got {type(weight).__name__}")
+        if weight.shape != (self.out_features, self.in_features) or weight.group_size != self.group_size:
+            raise ValueError(f"weight {weight} does not fit Int8Linear({self.in_features}, {self.out_features}, "
+                             f"group_size={self.group_size})")
+        self.qweight, self.scales = weight.qweight, weight.scales
+        if self.bias is not None:
+            if bias is None:
+                raise ValueError("this Int8Linear has a bias; pass it")
+            self.bias = nn.Parameter(bias.detach().to(weight.device), requires_grad=False)
+
+    @property
+    def weight(self) -> Int8Weight:
+        return Int8Weight(self.qweight, self.scales, self.group_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the scales."""
+        return self.scales.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_activation(x, self.in_features, self.qweight.device)
+        return linear_int8(x, self.qweight, self.scales, int8_group_len(self.in_features, self.group_size),
+                           self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, scales={self.scales.dtype}, backend={self.backend!r}")
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings stored as int8 rows (format.Int8Weight): forward(ids) = (q * s)[ids],
+    dequantized in fp32 (exact for 16-bit scales) and returned in `dtype`.
+
+    It holds its own buffers (qweight int8 [num_embeddings, embedding_dim], scales
+    [num_embeddings, embedding_dim / group_len]), or, made by Int8Embedding.tied(head), none:
+    it then looks up the rows of an Int8Linear head's weight, so a tied embedding and lm_head
+    keep one int8 copy (the head's, which its state dict and checkpoints hold) wherever the
+    model is moved.
+
+    Attributes:
+        dtype: the dtype of the embeddings returned (the model's activation dtype).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = -1,
+                 dtype: torch.dtype | None = None, device=None, scales_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_embeddings = _checks.positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
+        int8_group_len(embedding_dim, group_size)
+        self.group_size, self.dtype = group_size, _compute_dtype(dtype)
+        self._tied = ()
+        _int8_buffers(self, num_embeddings, embedding_dim, group_size, _compute_dtype(scales_dtype or dtype), device)
+
+    @classmethod
+    def tied(cls, head: Int8Linear, dtype: torch.dtype | None = None) -> Int8Embedding:
+        """An embedding reading the rows of head's int8 weight (the vocabulary is its out_features)."""
+        if not isinstance(head, Int8Linear):
+            raise TypeError(f"head must be an Int8Linear, got {type(head).__name__}")
+        module = cls(head.out_features, head.in_features, head.group_size, dtype, device="meta")
+        del module.qweight, module.scales  # the head's are used instead
+        module._tied = (head,)  # a tuple: not registered as a submodule (the model holds the head)
+        return module
+
+    @property
+    def head(self) -> Int8Linear | None:
+        """The Int8Linear whose weight this embedding reads, or None when it holds its own."""
+        return self._tied[0] if self._tied else None
+
+    def load_weight(self, weight: Int8Weight) -> None:
+        """Take an Int8Weight as this (untied) embedding's rows."""
+        if self._tied:
+            raise ValueError("this Int8Embedding reads its head's weight; load the head instead")
+        if not isinstance(weight, Int8Weight):
+            raise TypeError(f"weight must be a fourbit.Int8Weight, got {type(weight).__name__}")
+        if weight.shape != (self.num_embeddings, self.embedding_dim) or weight.group_size != self.group_size:
+            raise ValueError(f"weight {weight} does not fit Int8Embedding({self.num_embeddings}, "
+                             f"{self.embedding_dim}, group_size={self.group_size})")
+        self.qweight, self.scales = weight.qweight, weight.scales
+
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        owner = self._tied[0] if self._tied else self
+        return owner.qweight, owner.scales
+
+    @property
+    def weight(self) -> Int8Weight:
+        return Int8Weight(*self._tensors(), self.group_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensors()[0].device
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        qweight, scales = self._tensors()
+        rows = qweight[input_ids]                                   # [..., embedding_dim] int8
+        return dequantize_int8(rows, scales[input_ids], int8_group_len(self.embedding_dim, self.group_size)
+                               ).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, dtype={self.dtype}"
+                + (", tied to its head" if self._tied else ""))
+
+
 class ConcatLinear(nn.Module):
     """Projections of one input run side by side: y = cat([part(x) for part in parts], -1).
 
@@ -295,9 +452,11 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, c
         **options: instead of config, its fields as keywords: group_size (int, default 128),
             symmetric (bool), skip (fnmatch patterns, default ("lm_head",)), backend (str,
             default "auto"), filter (callable (name, module) -> bool), method (str, "rtn",
-            "gptq" or "awq"), act_order, percdamp, awq_rounding.
+            "gptq" or "awq"), act_order, percdamp, awq_rounding, lm_head_int8 (None, or the
+            int8 group size of the float lm_head: -1 per row or a multiple of 32; off by default).
     Returns:
-        model, with Int4Linear layers in place of the replaced ones.
+        model, with Int4Linear layers in place of the replaced ones (and an Int8Linear lm_head
+        with lm_head_int8).
     Raises:
         TypeError: both a config and keywords, or an unknown keyword (named); calibration of
             another type, or text without a tokenizer.
@@ -311,6 +470,7 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, c
         raise TypeError("quantize_ takes a model containing linear layers; use Int4Linear.from_linear "
                         "for a single nn.Linear")
     targets = linear_targets(model, config)
+    int8_heads = [name for name, mod in model.named_modules() if config.int8_head(name, mod)]
     if config.method in CALIBRATED_METHODS:
         if calibration is None:
             raise ValueError(f"method {config.method!r} needs calibration data: quantize_(model, config, "
@@ -325,6 +485,7 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, c
             _set_submodule(model, name, module)
 
         quantize_calibrated(model, config, targets, ids, replace)
+        _int8_heads(model, int8_heads, config)
         return model
     if calibration is not None:
         raise ValueError("calibration data is for the calibrated methods ('gptq', 'awq'); method 'rtn' uses none")
@@ -332,7 +493,16 @@ def quantize_(model: nn.Module, config: Int4WeightOnlyConfig | None = None, *, c
         layer = model.get_submodule(name)
         _set_submodule(model, name, Int4Linear.from_linear(layer, group_size=config.group_size,
                                                            symmetric=config.symmetric, backend=config.backend))
+    _int8_heads(model, int8_heads, config)
     return model
+
+
+def _int8_heads(model: nn.Module, names: list[str], config: Int4WeightOnlyConfig) -> None:
+    """config.lm_head_int8: the float lm_head layers named become Int8Linear (a tied head gets
+    its own int8 copy; the embedding it was tied to stays float)."""
+    backend = config.backend if config.backend in ("torch", "cpu") else "auto"
+    for name in names:
+        _set_submodule(model, name, Int8Linear.from_linear(model.get_submodule(name), config.lm_head_int8, backend))
 
 
 TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

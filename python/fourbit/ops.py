@@ -9,7 +9,8 @@ for torch.compile and meta tensors), one reference (reference.py) and its backen
     "triton"  Triton kernels in kernels/ (CUDA; on the CPU through TRITON_INTERPRET=1)
     "cuda"    CUDA kernels in csrc/cuda/ (built when torch has CUDA and nvcc exists)
 
-The ops: int4_mm (int4_linear), write_kv, paged_attention, paged_prefill_attention. The
+The ops: int4_mm (int4_linear), int8_mm (int8_linear), write_kv, paged_attention,
+paged_prefill_attention. The
 paged ops take a PagedBatch (kv_cache.py): its index values were validated once when the
 step was planned, so a call checks only what the host knows (shapes, dtypes, devices).
 
@@ -23,12 +24,20 @@ import torch
 
 from . import dispatch, reference
 from .backends import _C, BACKENDS, available_backends, check_backend_name, unavailable
-from .dispatch import choose_attention_backend, choose_backend
-from .format import COMPUTE_DTYPES, Int4Weight, dequantize, prepack_mma_weight, unpack_mma_weight
+from .dispatch import choose_attention_backend, choose_backend, choose_int8_backend
+from .format import (
+    COMPUTE_DTYPES,
+    Int4Weight,
+    Int8Weight,
+    dequantize,
+    dequantize_int8,
+    prepack_mma_weight,
+    unpack_mma_weight,
+)
 from .kv_cache import PagedBatch
 
-__all__ = ["BACKENDS", "available_backends", "choose_attention_backend", "choose_backend", "int4_linear", "linear",
-           "paged_attention", "paged_prefill_attention", "write_kv"]
+__all__ = ["BACKENDS", "available_backends", "choose_attention_backend", "choose_backend", "int4_linear",
+           "int8_linear", "linear", "paged_attention", "paged_prefill_attention", "write_kv"]
 
 
 def resolve(backend: str, device: torch.device, op: str, auto) -> str:
@@ -57,6 +66,13 @@ def _int4_mm_impl(x, qweight, scales, offsets, group_len, bias, backend):
         from .backends import cuda_int4
         return cuda_int4.int4_mm(x, qweight, scales, offsets, group_len, bias)
     return reference.int4_mm(x, qweight, scales, offsets, group_len, bias)
+
+
+def _int8_mm_impl(x, qweight, scales, group_len, bias, backend):
+    if backend == "cpu":
+        from .backends import cpu_int8
+        return cpu_int8.int8_mm(x, qweight, scales, group_len, bias)
+    return reference.int8_mm(x, qweight, scales, group_len, bias)
 
 
 def _write_kv_impl(k, v, k_cache, v_cache, slot_mapping, backend):
@@ -131,6 +147,27 @@ def _int4_mm_backward(ctx, grad_out):
     return grad_x, None, None, None, None, grad_bias, None
 
 
+# int8_mm's backward, the same way: grad_x = grad_out @ (q * s) in fp32; the weight frozen.
+
+def _int8_mm_setup_context(ctx, inputs, output):
+    x, qweight, scales, group_len, bias, backend = inputs
+    ctx.save_for_backward(qweight, scales)
+    ctx.group_len, ctx.x_dtype = group_len, x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _int8_mm_backward(ctx, grad_out):
+    qweight, scales = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError("int8_mm: the int8 weight is frozen, its scales get no gradient; detach them")
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad_out.to(torch.float32) @ dequantize_int8(qweight, scales, ctx.group_len)).to(ctx.x_dtype)
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad_out.to(torch.float32).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None
+
+
 _IMPLS = {"int4_mm": _int4_mm_impl, "write_kv": _write_kv_impl, "paged_attention": _paged_attention_impl,
           "paged_prefill_attention": _paged_prefill_attention_impl}
 
@@ -175,6 +212,26 @@ else:
 
     _int4_mm, _write_kv = _Int4MM.apply, _write_kv_impl
     _paged_attention, _paged_prefill_attention = _paged_attention_impl, _paged_prefill_attention_impl
+
+
+class _Int8MM(torch.autograd.Function):
+    forward = staticmethod(_int8_mm_impl)
+    setup_context = staticmethod(_int8_mm_setup_context)
+    backward = staticmethod(_int8_mm_backward)
+
+
+if _C is not None and hasattr(torch.ops.fourbit, "int8_mm"):
+    for _key in ("CPU", "CUDA"):
+        _lib.impl("int8_mm", _int8_mm_impl, _key)
+
+    @torch.library.register_fake("fourbit::int8_mm")
+    def _int8_mm_fake(x, qweight, scales, group_len, bias, backend):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
+    torch.library.register_autograd("fourbit::int8_mm", _int8_mm_backward, setup_context=_int8_mm_setup_context)
+    _int8_mm = torch.ops.fourbit.int8_mm
+else:  # no extension, or one built before int8_mm (its schema): plain Python, traced by torch.compile
+    _int8_mm = _Int8MM.apply
 
 
 # ---- int4 weight-only matmul ----
@@ -251,6 +308,40 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None =
     check_activation(x, k, weight.device)
     check_bias(bias, n, weight.device)
     return linear(x, weight.qweight, weight.scales, weight.offsets, n, weight.group_len, bias, backend)
+
+
+# ---- int8 weight-only matmul (GGUF Q8_0, int8 embeddings and heads) ----
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_len: int,
+                bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """int8_linear on weight tensors, with x and the weight already checked (Int8Linear's forward)."""
+    n, k = qweight.shape
+    x2 = x.reshape(-1, k)
+    chosen = resolve(backend, x.device, "int8_mm", lambda: choose_int8_backend(x.device, x.dtype, x2.shape[0], n, k))
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    return _int8_mm(x2, qweight, scales, group_len, bias, chosen).reshape(*x.shape[:-1], n)
+
+
+def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """y = x @ weight.dequantize().T + bias, accumulated in fp32.
+
+    Args:
+        x: fp32, bf16 or fp16 [..., K], any strides, on weight's device.
+        weight: Int8Weight of shape (N, K): int8 q and a scale per group (format.py).
+        bias: optional float [N].
+        backend: "auto" (dispatch.choose_int8_backend: the C++ kernel on the CPU), or "torch" /
+            "cpu" to force one (RuntimeError if it cannot run here).
+    Returns:
+        [..., N] in x's dtype; differentiable in x and bias (the weight is frozen).
+    """
+    if not isinstance(weight, Int8Weight):
+        raise TypeError(f"weight must be a fourbit.Int8Weight, got {type(weight).__name__}")
+    n, k = weight.shape
+    check_activation(x, k, weight.device)
+    check_bias(bias, n, weight.device)
+    return linear_int8(x, weight.qweight, weight.scales, weight.group_len, bias, backend)
 
 
 # ---- Paged KV cache ops (layout: kv_cache.py) ----

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name
-from .format import COMPUTE_DTYPES, Int4Weight, check_group_size, pack_int4, padded_k
+from .format import COMPUTE_DTYPES, Int4Weight, Int8Weight, check_group_size, int8_group_len, pack_int4, padded_k
 
 _BITS_AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -61,6 +61,20 @@ def _check_representable(scales: torch.Tensor, offsets: torch.Tensor, groups: to
                          f"within +-{torch.finfo(dtype).max:.4g}); quantize to a wider dtype or rescale w")
 
 
+def _check_float_matrix(w, dtype: torch.dtype | None) -> torch.dtype:
+    """The scale dtype (dtype, default w's) once w is a non-empty float [N, K] matrix and dtype a
+    compute dtype; TypeError / ValueError naming what is wrong otherwise."""
+    if not isinstance(w, torch.Tensor) or w.dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"w must be a tensor of dtype {COMPUTE_DTYPES}, got "
+                        f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"w must be a non-empty [N, K] matrix, got shape {tuple(w.shape)}")
+    dtype = dtype or w.dtype
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
+    return dtype
+
+
 def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = False,
                     dtype: torch.dtype | None = None) -> Int4Weight:
     """Quantize a float weight matrix to int4 by round-to-nearest.
@@ -89,14 +103,7 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
     check_group_size(group_size)
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be True or False, got {type(symmetric).__name__} {symmetric!r}")
-    if not isinstance(w, torch.Tensor) or w.dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"w must be a tensor of dtype {COMPUTE_DTYPES}, got "
-                        f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
-    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
-        raise ValueError(f"w must be a non-empty [N, K] matrix, got shape {tuple(w.shape)}")
-    dtype = dtype or w.dtype
-    if dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
+    dtype = _check_float_matrix(w, dtype)
     wf = w.detach().to(torch.float32)
     if not torch.isfinite(wf).all():
         row, col = (int(i) for i in (~torch.isfinite(wf)).nonzero()[0])
@@ -135,6 +142,38 @@ def quantize_weight(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fa
     return Int4Weight(pack_int4(q), scales, offsets, group_size, (n, k), symmetric)
 
 
+def quantize_int8_weight(w: torch.Tensor, group_size: int = -1, dtype: torch.dtype | None = None) -> Int8Weight:
+    """Quantize a float weight matrix to symmetric int8 by round-to-nearest: s = absmax / 127
+    per group (stored in dtype, nudged up one step where rounding made it smaller, so that
+    |q| <= 127), q = round(w / s).
+
+    Args:
+        w: fp32, bf16 or fp16 [N, K].
+        group_size: -1 (one scale per output row) or a multiple of 32 dividing K.
+        dtype: dtype of the scales; defaults to w.dtype.
+    Returns:
+        Int8Weight; every weight dequantizes to within half a step (s / 2) of the original.
+    Raises:
+        TypeError: w not a float tensor, dtype not a compute dtype.
+        ValueError: w not a non-empty [N, K] matrix, a bad group_size, w holding NaN or inf,
+            or a scale dtype cannot hold (absmax / 127 above its largest value).
+    """
+    dtype = _check_float_matrix(w, dtype)
+    n, k = w.shape
+    glen = int8_group_len(k, group_size)
+    groups = w.detach().to(torch.float32).reshape(n, k // glen, glen)
+    if not torch.isfinite(groups).all():
+        raise ValueError("w holds NaN or inf; int8 cannot represent it")
+    bound = groups.abs().amax(dim=-1) / 127
+    if float(bound.max()) > torch.finfo(dtype).max:
+        raise ValueError(f"w's absmax {float(bound.max()) * 127:.4g} needs int8 scales beyond {dtype}'s range; "
+                         f"use wider scales (dtype=torch.float32)")
+    scales = _store(bound, dtype, at_least=bound)
+    s = scales.float().unsqueeze(-1)
+    q = torch.round(groups / torch.where(s == 0, 1.0, s)).clamp_(-127, 127).to(torch.int8).reshape(n, k)
+    return Int8Weight(q, scales, group_size)
+
+
 METHODS = ("rtn", "gptq", "awq")
 CALIBRATED_METHODS = ("gptq", "awq")
 AWQ_ROUNDINGS = ("rtn", "gptq")
@@ -171,6 +210,13 @@ class Int4WeightOnlyConfig:
             (diag(H)), rather than always its min/max. On by default; it only changes
             which scales and zero points are chosen.
         awq_rounding: str, "awq" only: how the scaled weights are rounded, "rtn" or "gptq".
+        lm_head_int8: None (default: the lm_head stays as it is, float unless the checkpoint
+            holds it quantized), or the group size of a symmetric int8 lm_head: -1 for one
+            scale per output row, or a multiple of 32 dividing hidden_size. A float lm_head
+            (the exact nn.Linear named "lm_head") then becomes an Int8Linear on the int8 kernels
+            (round to nearest, scales in the head's dtype): a quarter of the fp32 head's bytes
+            per decoded token. A head tied to the embeddings gets its own int8 copy; the
+            embedding stays float. Independent of skip, which keeps it from int4.
     """
 
     group_size: int = 128
@@ -183,6 +229,7 @@ class Int4WeightOnlyConfig:
     percdamp: float = 0.01
     awq_rounding: str = "gptq"
     grid_search: bool = True
+    lm_head_int8: int | None = None
 
     def __post_init__(self):
         check_group_size(self.group_size)
@@ -204,6 +251,12 @@ class Int4WeightOnlyConfig:
             raise ValueError(f"percdamp must be a number in [0, 1], got {self.percdamp!r}")
         if not isinstance(self.grid_search, bool):
             raise TypeError(f"grid_search must be True or False, got {self.grid_search!r}")
+        if self.lm_head_int8 is not None and (isinstance(self.lm_head_int8, bool) or
+                                              not isinstance(self.lm_head_int8, int) or
+                                              not (self.lm_head_int8 == -1 or self.lm_head_int8 > 0 and
+                                                   self.lm_head_int8 % 32 == 0)):
+            raise ValueError(f"lm_head_int8 must be None, -1 (per output row) or a multiple of 32 (a group "
+                             f"size), got {self.lm_head_int8!r}")
         if self.awq_rounding not in AWQ_ROUNDINGS:
             raise ValueError(f"unknown awq_rounding {self.awq_rounding!r}; choose one of {AWQ_ROUNDINGS}")
         if self.act_order and not (self.method == "gptq" or self.method == "awq" and self.awq_rounding == "gptq"):
@@ -228,12 +281,16 @@ class Int4WeightOnlyConfig:
         """Whether the layer at qualified name `name` is one this config quantizes: an exact
         nn.Linear (subclasses such as nn.MultiheadAttention's out_proj, whose weight the parent
         reads directly, are left alone), matched by no skip pattern, and accepted by filter."""
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear or self.int8_head(name, module):
             return False
         last = name.rsplit(".", 1)[-1]
         if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in self.skip):
             return False
         return self.filter is None or bool(self.filter(name, module))
+
+    def int8_head(self, name: str, module: nn.Module) -> bool:
+        """Whether the layer at `name` is the float lm_head this config makes int8 (lm_head_int8)."""
+        return self.lm_head_int8 is not None and type(module) is nn.Linear and name.rsplit(".", 1)[-1] == "lm_head"
 
 
 def as_config(config) -> Int4WeightOnlyConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .format import dequantize
+from .format import dequantize, dequantize_int8
 
 
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -141,3 +141,26 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     result = q.new_empty((total_q + 1, *q.shape[1:]))
     result.index_copy_(0, target.flatten(), out.flatten(0, 1))
     return result[:total_q]
+
+
+# ---- int8 weight-only matmul (format.py, "The int8 weight-only format") ----
+
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_len: int,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out = x @ (q * s).T + bias, the weight dequantized to fp32 (exact for 16-bit scales)
+    and the product accumulated in fp32, returned in x's dtype.
+
+    Args:
+        x: fp32, bf16 or fp16 [M, K].
+        qweight: int8 [N, K].
+        scales: [N, K / group_len] in a compute dtype; s[n, g] scales columns
+            g * group_len .. (g + 1) * group_len - 1 of row n.
+        group_len: K (one scale per row) or a multiple of 32 dividing K.
+        bias: optional float [N].
+    Returns:
+        [M, N] in x's dtype.
+    """
+    out = x.to(torch.float32) @ dequantize_int8(qweight, scales, group_len).T
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)

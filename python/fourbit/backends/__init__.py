@@ -4,6 +4,7 @@ One module per engine and op family; nothing here chooses between them (dispatch
 and no user imports them (the ops in ops.py do):
 
     cpu_int4.py          int4_mm on the C++ CPU kernel (csrc/cpu/, AVX-512 / AVX2 / portable)
+    cpu_int8.py          int8_mm (int8 weight-only: GGUF Q8_0, int8 heads) on the C++ CPU kernel
     triton_int4.py       int4_mm on the Triton GEMV / GEMM / dequantize kernels (kernels/)
     triton_attention.py  write_kv, paged decode and prefill attention on Triton (kernels/)
     cuda_int4.py         int4_mm on the CUDA tensor-core kernel, its prepacked layout
@@ -34,7 +35,7 @@ except ImportError as _error:  # the package still works, on the reference backe
         RuntimeWarning, stacklevel=2)
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-OPS = ("int4_mm", "write_kv", "paged_attention", "paged_prefill_attention")
+OPS = ("int4_mm", "write_kv", "paged_attention", "paged_prefill_attention", "int8_mm")
 
 # The backends that implement each op, besides the reference ("torch", every op).
 KERNELS = {
@@ -42,6 +43,7 @@ KERNELS = {
     "write_kv": ("cpu", "triton", "cuda"),
     "paged_attention": ("cpu", "triton", "cuda"),
     "paged_prefill_attention": ("cpu", "triton"),
+    "int8_mm": ("cpu",),
 }
 
 

@@ -5,7 +5,10 @@ no loss, in groups of 32 along K: Q4_1 stores w = q d + m, which is fourbit's fo
 s = d; Q4_0 stores w = (q - 8) d, the symmetric case m = -8 d; Q4_K stores
 w = d sc q - dmin mn (an fp16 d and dmin per 256 weights, 6-bit sc and mn per 32), which is
 s = d sc and m = -dmin mn in fp32, where both products are exact (11 + 6 significant bits).
-Q8_0 (w = q d, q int8) and every other type the `gguf` package can dequantize (Q5_K, Q6_K,
+Q8_0 (w = q d, q int8, an fp16 d per 32) token embeddings and output heads load as an
+Int8Weight of group size 32 with the fp16 d as scales, q * d being exact in fp32 (the loader
+makes them an Int8Embedding / Int8Linear; GGUFCheckpoint(int8=False) dequantizes them instead).
+Other Q8_0 tensors and every other type the `gguf` package can dequantize (Q5_K, Q6_K,
 ...) load as float32, exactly as that package dequantizes them. The integer types
 (I8 to I64) load as integer tensors, which the loader rejects by name: a weight is never
 made of a silent cast.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..format import Int4Weight, pack_int4, select_rows
+from ..format import Int4Weight, Int8Weight, pack_int4, select_rows
 from ..gguf_file import GGUFFile
 from .llama import LlamaConfig
 
@@ -29,6 +32,8 @@ _Q4_BLOCK = {"Q4_0": 18, "Q4_1": 20}
 # Q4_K's super-block of 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins
 # of its eight sub-blocks of 32, then 128 bytes of nibbles.
 _Q4_K_BLOCK, _Q4_K_WEIGHTS = 144, 256
+# Q8_0's block of 32 weights: fp16 d, then 32 int8 q.
+_Q8_0_BLOCK = 34
 
 
 def read_config(file: GGUFFile) -> LlamaConfig:
@@ -118,6 +123,15 @@ def _q4_k_weight(tensor) -> Int4Weight:
     return Int4Weight(pack_int4(q), scales, offsets, 32, (n, k), symmetric=False)
 
 
+def _q8_0_weight(tensor) -> Int8Weight:
+    """A Q8_0 tensor (blocks of an fp16 d and 32 int8 q) as an Int8Weight with group size 32
+    and the fp16 d as scales: no loss, q * d is exact in fp32 (8 + 11 significant bits)."""
+    n, k = tensor.shape
+    blocks = _blocks(tensor, _Q8_0_BLOCK)
+    q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)).reshape(n, k)
+    return Int8Weight(q, _fp16(blocks[..., 0:2]), 32)
+
+
 # ggml's element types of one value each, read as they are (the loader checks the dtype).
 _PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                 "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
@@ -128,9 +142,7 @@ def _dense_tensor(tensor) -> torch.Tensor:
     if kind in _PLAIN_TYPES:
         return torch.frombuffer(bytearray(tensor.data), dtype=_PLAIN_TYPES[kind]).reshape(shape)
     if kind == "Q8_0":  # 32 int8 weights per block, times an fp16 scale
-        blocks = _blocks(tensor, 34)
-        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)).float()
-        return (q * _fp16(blocks[..., 0:2]).float()[..., None]).reshape(shape)
+        return _q8_0_weight(tensor).dequantize().reshape(shape)
     try:
         from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
@@ -159,10 +171,17 @@ def _unpermute_rows(value, heads: int):
 
 
 class GGUFCheckpoint:
-    """A GGUF file as a LlamaConfig and the tensors of models/llama.py's roles."""
+    """A GGUF file as a LlamaConfig and the tensors of models/llama.py's roles.
 
-    def __init__(self, path):
-        self.path = path
+    int8: Q8_0 token embeddings and output heads are read as Int8Weight (True) or dequantized
+    to float32 (False).
+    """
+
+    # The roles whose Q8_0 tensors are read as Int8Weight when int8 is on.
+    INT8_ROLES = ("embed", "lm_head")
+
+    def __init__(self, path, int8: bool = True):
+        self.path, self.int8 = path, int8
         self.file = GGUFFile(path)
         self.config = read_config(self.file)
         self.arch = self.file.metadata["general.architecture"]
@@ -185,7 +204,11 @@ class GGUFCheckpoint:
         return self._MODEL_NAMES[role] if layer is None else f"blk.{layer}.{self._LAYER_NAMES[role]}"
 
     def model_tensor(self, role: str):
-        return self._get(self.tensor_name(role))
+        name = self.tensor_name(role)
+        if self.int8 and role in self.INT8_ROLES and name in self._tensors and \
+                self._tensors[name].type_name == "Q8_0":
+            return _q8_0_weight(self._tensors[name])
+        return self._get(name)
 
     def layer_tensor(self, i: int, role: str):
         value = self._get(self.tensor_name(role, i))

@@ -358,8 +358,8 @@ class Llama(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activation dtype: that of the embeddings."""
-        return self.embed_tokens.weight.dtype
+        """The activation dtype: that of the embeddings (an int8 embedding's output dtype)."""
+        return getattr(self.embed_tokens, "dtype", None) or self.embed_tokens.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 context: PagedContext | None = None, logits_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,9 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_quantized, save_quantized, write_text_atomic
-from ..format import COMPUTE_DTYPES, Int4Weight, can_concat_rows, concat_rows, with_common_dtypes
-from ..nn import ConcatLinear, Int4Linear, quantize_
-from ..quantize import CALIBRATED_METHODS, Int4WeightOnlyConfig, as_config, quantize_weight
+from ..format import COMPUTE_DTYPES, Int4Weight, Int8Weight, can_concat_rows, concat_rows, with_common_dtypes
+from ..nn import ConcatLinear, Int4Linear, Int8Embedding, Int8Linear, quantize_
+from ..quantize import CALIBRATED_METHODS, Int4WeightOnlyConfig, as_config, quantize_int8_weight, quantize_weight
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint, is_fourbit_checkpoint, read_config
 from .llama import LAYER_BIASES, LAYER_TENSORS, Llama, LlamaConfig, rope_inv_freq
@@ -94,7 +94,7 @@ def _check_tensor(name: str, value, shape: tuple[int, ...]) -> None:
     if isinstance(value, torch.Tensor) and value.dtype not in CHECKPOINT_FLOAT_DTYPES:
         raise ValueError(f"checkpoint tensor {name!r} has dtype {value.dtype}; a weight must be int4 or one of "
                          f"{CHECKPOINT_FLOAT_DTYPES}")
-    if not isinstance(value, (torch.Tensor, Int4Weight)):
+    if not isinstance(value, (torch.Tensor, Int4Weight, Int8Weight)):
         raise TypeError(f"checkpoint tensor {name!r} is a {type(value).__name__}, not a tensor or Int4Weight")
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}; the model expects "
@@ -112,6 +112,19 @@ def _set_linear(model: nn.Module, name: str, value, device, dtype,
     or, for fused parts that stay apart (a list, see _fuse), as a ConcatLinear of those."""
     module = model.get_submodule(name)
     config = quantize if isinstance(quantize, Int4WeightOnlyConfig) else None
+    if isinstance(value, Int8Weight):  # a GGUF Q8_0 head: int8, or float for quantize=False
+        if quantize is not False:
+            layer = Int8Linear(module.in_features, value.shape[0], group_size=value.group_size, dtype=dtype,
+                               device="meta", backend=_int8_backend(config))
+            layer.load_weight(value.to(device))
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer)
+            return
+        value = value.dequantize(dtype)
+    if isinstance(value, torch.Tensor) and config is not None and config.int8_head(name, module):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, _int8_head(value.to(device), module.in_features, dtype, config))
+        return
     if isinstance(value, list):
         if quantize is False:
             value = torch.cat([p.dequantize() if isinstance(p, Int4Weight) else p.float() for p in value])
@@ -132,6 +145,37 @@ def _set_linear(model: nn.Module, name: str, value, device, dtype,
         layer = _linear(value, module.in_features, device, dtype, config)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, layer)
+
+
+def _int8_backend(config: Int4WeightOnlyConfig | None) -> str:
+    """The backend of the Int8Linear layers the loader makes: the config's where int8_mm has it."""
+    return config.backend if config is not None and config.backend in ("torch", "cpu") else "auto"
+
+
+def _int8_head(weight: torch.Tensor, in_features: int, dtype, config: Int4WeightOnlyConfig) -> Int8Linear:
+    """A float head [vocab, hidden] as the symmetric int8 Int8Linear config.lm_head_int8 asks for."""
+    layer = Int8Linear(in_features, weight.shape[0], group_size=config.lm_head_int8, dtype=dtype, device="meta",
+                       backend=_int8_backend(config))
+    layer.load_weight(quantize_int8_weight(weight.to(dtype), config.lm_head_int8))
+    return layer
+
+
+def _set_embedding(model: Llama, value: Int8Weight, device, dtype, quantize) -> None:
+    """A GGUF Q8_0 token embedding: an Int8Embedding (for a tied model also the lm_head, one
+    int8 copy shared), or float for quantize=False."""
+    if quantize is False:
+        _set_param(model.embed_tokens, "weight", value.dequantize(dtype).to(device))
+        return
+    value = value.to(device)
+    if model.config.tie_word_embeddings:
+        config = quantize if isinstance(quantize, Int4WeightOnlyConfig) else None
+        model.lm_head = Int8Linear(value.shape[1], value.shape[0], group_size=value.group_size, dtype=dtype,
+                                   device="meta", backend=_int8_backend(config))
+        model.lm_head.load_weight(value)
+        model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
+        return
+    model.embed_tokens = Int8Embedding(value.shape[0], value.shape[1], value.group_size, dtype, device="meta")
+    model.embed_tokens.load_weight(value)
 
 
 def _linear(value, in_features: int, device, dtype, config: Int4WeightOnlyConfig | None) -> nn.Module:
@@ -191,6 +235,8 @@ def _fill(model: Llama, checkpoint, device, dtype, quantize) -> None:
             if attr == "bias" and isinstance(module, ConcatLinear):  # each part its rows
                 for part, rows in zip(module.parts, value.split(module.split_sizes)):
                     _set_param(part, "bias", rows.to(device, dtype))
+            elif name == "embed_tokens.weight" and isinstance(value, Int8Weight):
+                _set_embedding(model, value, device, dtype, quantize)
             elif attr == "weight" and isinstance(module, (nn.Linear, Int4Linear)):
                 try:
                     _set_linear(model, module_name, value, device, dtype, quantize)
@@ -203,9 +249,14 @@ def _fill(model: Llama, checkpoint, device, dtype, quantize) -> None:
                 _set_param(module, attr, value.to(device, dtype))
 
 
-def _finish(model: Llama, device) -> Llama:
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+def _finish(model: Llama, device, quantize=None) -> Llama:
+    if model.config.tie_word_embeddings and type(model.embed_tokens) is nn.Embedding:
+        config = quantize if isinstance(quantize, Int4WeightOnlyConfig) else None
+        if config is not None and config.int8_head("lm_head", model.lm_head):  # an int8 copy; the embedding stays
+            weight = model.embed_tokens.weight
+            model.lm_head = _int8_head(weight, weight.shape[1], weight.dtype, config)
+        elif isinstance(model.lm_head, nn.Linear):
+            model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(model.config).to(device)
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
@@ -224,7 +275,8 @@ def _quantize_option(quantize) -> Int4WeightOnlyConfig | bool | None:
 
 
 def load_model(source, device=None, dtype: torch.dtype | None = None,
-               quantize: Int4WeightOnlyConfig | dict | bool | None = None, calibration=None) -> Llama:
+               quantize: Int4WeightOnlyConfig | dict | bool | None = None, calibration=None,
+               int8: bool = True) -> Llama:
     """Load a Llama-family model (Llama 1-3, Mistral, Qwen2, SmolLM2) for inference.
 
     Args:
@@ -238,11 +290,17 @@ def load_model(source, device=None, dtype: torch.dtype | None = None,
             dict of its fields, such as dict(group_size=128)) also quantizes the float linear
             layers it selects (skip, filter) while loading, and every Int4Linear the loader
             makes gets its backend; False dequantizes int4 layers too (a float baseline).
-            The tied lm_head of a model that ties it to the embeddings stays float.
+            The tied lm_head of a model that ties it to the embeddings stays float, unless
+            the config's lm_head_int8 makes an int8 copy of it (Int8Linear).
             A calibrated method ("gptq", "awq") loads the model first, then quantizes its float
             linear layers layer by layer (fourbit.quantize_); int4 layers of the source stay.
         calibration: with a calibrated method (required there): token ids [S, T], or text (a
             str or list of str) encoded with the source's own tokenizer.
+        int8: GGUF Q8_0 token embeddings and output heads (SmolLM2's tied embedding, many
+            GGUFs' output.weight) load as int8, exactly: an Int8Embedding and an Int8Linear on
+            the int8 kernels (a tied pair shares one int8 copy), a quarter of the fp32 head's
+            bytes per decoded token. False dequantizes them to dtype, the float behaviour of
+            earlier versions (quantize=False does too).
     Raises:
         TypeError, ValueError: a quantize of another type, an unknown dict key or an
             impossible value, each named (see Int4WeightOnlyConfig).
@@ -263,7 +321,7 @@ def load_model(source, device=None, dtype: torch.dtype | None = None,
             raise ValueError(f"method {quantize.method!r} needs calibration data: load_model(..., calibration=token "
                              f"ids [S, T] or text)")
         tokenizer = None if isinstance(calibration, torch.Tensor) else load_tokenizer(source)
-        model = load_model(source, device, dtype)
+        model = load_model(source, device, dtype, int8=int8)
         return quantize_(model, quantize, calibration=calibration, tokenizer=tokenizer)
     if calibration is not None:
         raise ValueError("calibration data is for the calibrated methods ('gptq', 'awq'); give quantize="
@@ -276,11 +334,13 @@ def load_model(source, device=None, dtype: torch.dtype | None = None,
         for module in model.modules():  # float tensors to dtype; int4 words stay as they are
             for name, param in list(module.named_parameters(recurse=False)):
                 _set_param(module, name, param.to(dtype))
+            if isinstance(module, Int8Embedding):
+                module.dtype = dtype
         return _finish(model, device)
     if path.is_dir():
         checkpoint = HFCheckpoint(path)
     elif path.suffix == ".gguf":
-        checkpoint = GGUFCheckpoint(path)
+        checkpoint = GGUFCheckpoint(path, int8=int8 and quantize is not False)
     else:
         raise ValueError(f"{path} is neither a .gguf file nor a model directory")
     return build_model(checkpoint, device, dtype, quantize)
@@ -294,8 +354,9 @@ def build_model(checkpoint, device, dtype: torch.dtype, quantize=None) -> Llama:
     _check_dtype(dtype)
     with torch.device("meta"):
         model = Llama(checkpoint.config)
-    _fill(model, checkpoint, torch.device(device), dtype, _quantize_option(quantize))
-    return _finish(model, torch.device(device))
+    quantize = _quantize_option(quantize)
+    _fill(model, checkpoint, torch.device(device), dtype, quantize)
+    return _finish(model, torch.device(device), quantize)
 
 
 def save_model(model: Llama, directory, tokenizer=None, format: str = "fourbit", dense_fallback: bool = False) -> Path:

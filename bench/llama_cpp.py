@@ -92,9 +92,10 @@ PROMPT = [1] + list(range(300, 331))  # 32 tokens, as bench_model.py
 BATCHES = [1, 4, 8, 16]
 
 
-def fourbit_rates(model, new_tokens: int, batches: list[int], repeats: int = 3) -> dict:
+def fourbit_rates(model, new_tokens: int, batches: list[int], repeats: int = 3, compile: bool = False) -> dict:
     """fourbit's prompt processing (one 32-token prompt: generate of one token, median of 5)
-    and decode rates in total over each batch size (evaluate.decode_tokens_per_second)."""
+    and decode rates in total over each batch size (evaluate.decode_tokens_per_second), the
+    decode step compiled (generate(compile=True), after a warm-up that compiles it) or eager."""
     import statistics
     import time
 
@@ -107,7 +108,8 @@ def fourbit_rates(model, new_tokens: int, batches: list[int], repeats: int = 3) 
         generate(model, [PROMPT], 1)
         return time.perf_counter() - start
     prompt_s = statistics.median(prefill() for _ in range(5))
-    decode = {b: b * decode_tokens_per_second(model, PROMPT, new_tokens, repeats=repeats, batch=b) for b in batches}
+    decode = {b: b * decode_tokens_per_second(model, PROMPT, new_tokens, repeats=repeats, batch=b, compile=compile)
+              for b in batches}
     return dict(prompt_tok_s=len(PROMPT) / prompt_s, decode_tok_s=decode[batches[0]] if batches[0] == 1 else None,
                 batched=decode)
 
@@ -130,11 +132,12 @@ def main() -> None:
     threads = torch.get_num_threads()
     model = fourbit.load_model(gguf, device="cpu")
     rounds = []
-    for _ in range(args.rounds):  # alternate, so that a busy moment hits both alike
-        ours = fourbit_rates(model, args.new_tokens, args.batches)
+    for _ in range(args.rounds):  # alternate, so that a busy moment hits all alike
+        eager = fourbit_rates(model, args.new_tokens, args.batches)
+        compiled = fourbit_rates(model, args.new_tokens, args.batches, compile=True)
         theirs = bench(gguf, threads, len(PROMPT), args.new_tokens)
         theirs["batched"] = batched_bench(gguf, threads, args.batches, len(PROMPT), args.new_tokens)
-        rounds.append(dict(fourbit=ours, llama_cpp=theirs))
+        rounds.append(dict(fourbit=eager, fourbit_compiled=compiled, llama_cpp=theirs))
         print(json.dumps(rounds[-1]), flush=True)
 
     def best(side, key, batch=None):
@@ -145,20 +148,20 @@ def main() -> None:
     lines = ["# fourbit against llama.cpp on the CPU (SmolLM2-135M-Instruct Q4_1 GGUF)", "",
              f"Machine: {cpu}, {os.cpu_count()} logical CPUs; {threads} threads for both. fourbit commit {commit}, "
              f"torch {torch.__version__}; llama.cpp build {rounds[0]['llama_cpp']['build']} (the source in the "
-             "llama-cpp-python 0.3.36 sdist, -DGGML_NATIVE=ON, `make llama-bench`). Command: "
+             "llama-cpp-python 0.3.36 sdist, -DGGML_NATIVE=ON without AMX, `make llama-bench`). Command: "
              "`python bench/llama_cpp.py`. Best of "
-             f"{args.rounds} alternating rounds; a {len(PROMPT)}-token prompt, {args.new_tokens} new tokens.", "",
-             "| measure | fourbit | llama.cpp | fourbit / llama.cpp |", "|---|---|---|---|"]
-    rows = [("prompt processing, tokens/s", best("fourbit", "prompt_tok_s"), best("llama_cpp", "prompt_tok_s"))]
-    rows += [(f"decode, batch {b}, tokens/s in total", best("fourbit", None, b), best("llama_cpp", None, b))
-             for b in args.batches]
-    if 1 not in args.batches:
-        rows.append(("decode, batch 1 (llama-bench -n)", None, best("llama_cpp", "decode_tok_s")))
-    else:
-        rows.append(("decode, batch 1 (llama-bench -n)", best("fourbit", None, 1), best("llama_cpp", "decode_tok_s")))
-    for name, ours, theirs in rows:
-        ratio = f"{ours / theirs:.2f}x" if ours else ""
-        lines.append(f"| {name} | {ours:.1f} | {theirs:.1f} | {ratio} |" if ours else f"| {name} | | {theirs:.1f} | |")
+             f"{args.rounds} alternating rounds; a {len(PROMPT)}-token prompt, {args.new_tokens} new tokens. "
+             "fourbit eager is `generate(...)`, compiled `generate(..., compile=True)` (its graphs compiled in a "
+             "warm-up, not timed). Decode rates from llama-batched-bench, and for batch 1 also llama-bench -n.", "",
+             "| measure | fourbit eager | fourbit compiled | llama.cpp | best fourbit / llama.cpp |",
+             "|---|---|---|---|---|"]
+    rows = [("prompt processing, tokens/s", "prompt_tok_s", None, best("llama_cpp", "prompt_tok_s"))]
+    rows += [(f"decode, batch {b}, tokens/s in total", None, b, best("llama_cpp", None, b)) for b in args.batches]
+    if 1 in args.batches:
+        rows.append(("decode, batch 1 (llama-bench -n)", None, 1, best("llama_cpp", "decode_tok_s")))
+    for name, key, batch, theirs in rows:
+        eager, compiled = best("fourbit", key, batch), best("fourbit_compiled", key, batch)
+        lines.append(f"| {name} | {eager:.1f} | {compiled:.1f} | {theirs:.1f} | {max(eager, compiled) / theirs:.2f}x |")
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(dict(commit=commit, threads=threads, rounds=rounds), indent=1))

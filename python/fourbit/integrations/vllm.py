@@ -102,7 +102,7 @@ from ..format import (
 )
 from ..models import formats
 from ..models.formats._int4 import fourbit_group_size, groups_of, pack_by_row, words_needed
-from ..nn import Int4Linear
+from ..nn import Int4Linear, Int8Embedding, Int8Linear
 from ..quantize import Int4WeightOnlyConfig
 
 QUANT_METHOD = "fourbit"
@@ -132,7 +132,7 @@ def save_pretrained(model, directory, tokenizer=None) -> Path:
 
     if not isinstance(model, Llama):
         raise TypeError(f"model must be a fourbit Llama (fourbit.load_model), got {type(model).__name__}")
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.dtype
     tensors, float_layers, group_sizes, symmetric = {}, [], set(), True
     for module_name, _, parts in _hf_modules(model):
         fused, lo = model.get_submodule(module_name), 0
@@ -150,15 +150,18 @@ def save_pretrained(model, directory, tokenizer=None) -> Path:
                                 f"{hf_name}.offsets": weight.offsets})
                 if weight.perm is not None:  # one per part: the parts of a fused layer share it
                     tensors[f"{hf_name}.perm"] = weight.perm.clone()
-            else:
-                tensors[f"{hf_name}.weight"] = module.weight.detach()[start:start + rows]
+            else:  # float, or int8 (a GGUF Q8_0 head) as its exact float weight: vLLM's layers are float
+                weight = module.weight.dequantize() if isinstance(module, Int8Linear) else module.weight.detach()
+                tensors[f"{hf_name}.weight"] = weight[start:start + rows].to(dtype)
                 float_layers.append(hf_name)
             if getattr(module, "bias", None) is not None:
                 tensors[f"{hf_name}.bias"] = module.bias.detach()[start:start + rows]
     if len(group_sizes) > 1:
         raise ValueError(f"the int4 layers have group sizes {sorted(group_sizes)}; the fourbit Hugging Face layout "
                          "(FourbitConfig) has one group size per model")
-    tensors["model.embed_tokens.weight"] = model.embed_tokens.weight
+    embed = model.embed_tokens  # an int8 one (GGUF Q8_0) as its exact float rows
+    tensors["model.embed_tokens.weight"] = (embed.weight.dequantize().to(dtype) if isinstance(embed, Int8Embedding)
+                                            else embed.weight)
     tensors["model.norm.weight"] = model.norm.weight
     for i, block in enumerate(model.layers):
         tensors[f"model.layers.{i}.input_layernorm.weight"] = block.input_layernorm.weight

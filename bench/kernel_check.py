@@ -270,9 +270,11 @@ def _cuda(cache: dict, failures: list) -> list[dict]:
         return []
     includes = [f"-I{p}" for p in [*include_paths(), *build_flags.INCLUDE_DIRS, sysconfig.get_paths()["include"]]]
     archs = [80, 86, 89, 90, 120]
-    headers = sorted(os.path.join(d, f) for d in (os.path.join(ROOT, "csrc", "include", "fourbit"),
-                                                  os.path.join(ROOT, "csrc", "cuda"))
-                     for f in os.listdir(d) if f.endswith((".cuh", ".h")))
+    # What the .cu files can include: the device headers (.cuh), csrc/cuda's own, and csrc/ops.h;
+    # not the CPU kernels' .h headers beside the .cuh ones, which would only void the cache.
+    headers = sorted(os.path.join(d, f) for d, suffixes in ((os.path.join(ROOT, "csrc", "include", "fourbit"), ".cuh"),
+                                                           (os.path.join(ROOT, "csrc", "cuda"), (".cuh", ".h")))
+                     for f in os.listdir(d) if f.endswith(suffixes)) + [os.path.join(ROOT, "csrc", "ops.h")]
     rows = []
     for rel in build_flags.cuda_sources():
         source = os.path.join(ROOT, rel)

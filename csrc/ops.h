@@ -24,6 +24,15 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
 // The vector instruction set the CPU kernel picked at run time: "avx512", "avx2" or "portable".
 const char* int4_mm_cpu_isa();
 
+// int4 weight, int8 activations on the CPU (csrc/cpu/int4_a8_mm.cpp, W4A8): x quantized per
+// block of 32 columns to int8 (scale max|x| / 127), integer dot products with the nibbles,
+// the offsets against fp32 sums of x (include/fourbit/int4_a8_cpu.h). Inputs as int4_mm_cpu;
+// group_len 32, 64, a multiple of 128, or K_padded. Returns [M, N] in x's dtype.
+at::Tensor int4_a8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& offsets, int64_t group_len, const std::optional<at::Tensor>& bias);
+// The instruction set of the W4A8 kernel: "avx512-vnni", "avx2" or "portable".
+const char* int4_a8_mm_cpu_isa();
+
 // int8 weight-only matmul on the CPU (csrc/cpu/int8_mm.cpp): out = x @ (q * s).T + bias, each
 // scale s[n, g] applying to q[n, g * group_len .. (g + 1) * group_len - 1], fp32 accumulation.
 //   x        fp32 | bf16 | fp16 [M, K], any strides (made contiguous if needed)

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include "cpu_dtypes.h"
 #include "cpu_isa.h"
 #include "fourbit/int8_cpu.h"
 #include "ops.h"
@@ -18,12 +19,8 @@ namespace {
 
 using cpu::Isa;
 
-bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-cpu::ScaleType scale_type(at::ScalarType t) {
-  return t == at::kHalf ? cpu::ScaleType::kFloat16 : t == at::kBFloat16 ? cpu::ScaleType::kBFloat16
-                                                                       : cpu::ScaleType::kFloat32;
-}
+using cpu::is_float_dtype;
+using cpu::scale_type;
 
 // Weight rows of one dequantized panel (many rows of x): about 2 MiB of fp32, so the panel
 // stays in L2 while at::mm streams x past it (1 to 4 MiB measured alike at M = 32 and 256 on

@@ -4,6 +4,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include "fourbit/cpu_widen.h"
 #include "fourbit/int8_cpu_kernel.h"
 
 namespace fourbit {
@@ -29,16 +30,7 @@ struct Avx2 {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static void scales_to_float(const void* p, ScaleType t, int64_t begin, int64_t count, float* out) {
-    if (t == ScaleType::kFloat32) return int8_scales_to_float_scalar(p, t, begin, count, out);
-    const uint16_t* h = static_cast<const uint16_t*>(p) + begin;
-    int64_t i = 0;
-    for (; i + 8 <= count; i += 8) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i));
-      _mm256_storeu_ps(out + i, t == ScaleType::kFloat16
-                                    ? _mm256_cvtph_ps(v)
-                                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
-    }
-    int8_scales_to_float_scalar(p, t, begin + i, count - i, out + i);
+    widen_scales_avx2(p, t, begin, count, out);
   }
 };
 

@@ -6,6 +6,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "fourbit/cpu_widen.h"
 #include "fourbit/int8_cpu_kernel.h"
 
 namespace fourbit {
@@ -27,16 +28,7 @@ struct Avx512 {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static void scales_to_float(const void* p, ScaleType t, int64_t begin, int64_t count, float* out) {
-    if (t == ScaleType::kFloat32) return int8_scales_to_float_scalar(p, t, begin, count, out);
-    const uint16_t* h = static_cast<const uint16_t*>(p) + begin;
-    int64_t i = 0;
-    for (; i + 16 <= count; i += 16) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i));
-      _mm512_storeu_ps(out + i, t == ScaleType::kFloat16
-                                    ? _mm512_cvtph_ps(v)
-                                    : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
-    }
-    int8_scales_to_float_scalar(p, t, begin + i, count - i, out + i);
+    widen_scales_avx512(p, t, begin, count, out);
   }
 };
 

@@ -6,6 +6,8 @@ for torch.compile and meta tensors), one reference (reference.py) and its backen
 
     "torch"   reference.py: plain PyTorch, any device, the executable spec
     "cpu"     C++ kernels in csrc/cpu/ (AVX-512 / AVX2 / portable, chosen at run time)
+    "cpu-a8"  int4_mm only: the C++ CPU kernel on int8-quantized activations (W4A8; its
+              numerics are reference.int4_mm_a8's, not the reference's). Never chosen by "auto".
     "triton"  Triton kernels in kernels/ (CUDA; on the CPU through TRITON_INTERPRET=1)
     "cuda"    CUDA kernels in csrc/cuda/ (built when torch has CUDA and nvcc exists)
 
@@ -59,6 +61,9 @@ def _int4_mm_impl(x, qweight, scales, offsets, group_len, bias, backend):
         from .backends import cpu_int4
         path = dispatch.cpu_int4_path(x.dtype, x.shape[0])
         return cpu_int4.int4_mm(x, qweight, scales, offsets, group_len, bias, path)
+    if backend == "cpu-a8":
+        from .backends import cpu_int4
+        return cpu_int4.int4_mm_a8(x, qweight, scales, offsets, group_len, bias)
     if backend == "triton":
         from .backends import triton_int4
         return triton_int4.int4_mm(x, qweight, scales, offsets, group_len, bias, dispatch.triton_int4_path(x.shape[0]))

@@ -32,6 +32,53 @@ def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offset
     return out.to(x.dtype)
 
 
+# The "cpu-a8" backend's numerics (W4A8: int8 activations), its spec and test oracle.
+A8_BLOCK = 32
+
+
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float [M, K] -> (xq int8 [M, K_32], d fp32 [M, K_32 / 32]) with K_32 = K rounded up to
+    32: per block of 32 columns d = max|x| / 127 and xq = round(x * (127 / max|x|)) (to
+    nearest even), so x ~ xq * d. Zero padding; an all-zero block gets d = 0. A block holding
+    inf or NaN gets d = NaN (and zero bytes): every output it reaches is NaN."""
+    m, k = x.shape
+    k32 = -(-k // A8_BLOCK) * A8_BLOCK
+    xp = torch.zeros(m, k32, dtype=torch.float32, device=x.device)
+    xp[:, :k] = x.to(torch.float32)
+    blocks = xp.view(m, -1, A8_BLOCK)
+    finite = torch.isfinite(blocks).all(-1, keepdim=True)
+    amax = torch.where(finite, blocks.abs().amax(-1, keepdim=True), 0.0)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.where(finite, blocks * inv, 0.0).round().clamp(-127, 127).to(torch.int8)
+    d = torch.where(finite, amax / 127.0, float("nan"))
+    return xq.view(m, k32), d.view(m, -1)
+
+
+def int4_mm_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+               group_len: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int4_mm with x quantized to int8 first (quantize_activations_int8): what the "cpu-a8"
+    backend computes, here in fp64. With w = q s + m:
+
+        out = sum_g s[n, g] sum_{k in g} q[n, k] (xq d)[m, k] + sum_g m[n, g] sum_{k in g} x[m, k]
+
+    the offset term from the unquantized x. Args and result as int4_mm.
+    """
+    m, k = x.shape
+    kp = 8 * qweight.shape[1]
+    xq, d = quantize_activations_int8(x)
+    xd = torch.zeros(m, kp, dtype=torch.float64, device=x.device)
+    cols = min(kp, xq.shape[1])
+    xd[:, :cols] = (xq.double() * d.double().repeat_interleave(A8_BLOCK, 1))[:, :cols]
+    q = dequantize(qweight, torch.ones_like(scales), torch.zeros_like(offsets), group_len, kp).double()
+    out = xd @ (q * scales.double().repeat_interleave(group_len, 1)).T
+    xs = torch.zeros(m, kp, dtype=torch.float64, device=x.device)
+    xs[:, :k] = x.double()
+    out += xs.view(m, -1, group_len).sum(-1) @ offsets.double().T
+    if bias is not None:
+        out += bias.double()
+    return out.to(x.dtype)
+
+
 # ---- Paged KV cache (layout: kv_cache.py) ----
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,6 +1,10 @@
-"""The "cpu" backend of int4_mm: the C++ kernel of csrc/cpu/ (AVX-512, AVX2 or portable,
-picked at run time by the CPU's instruction set; FOURBIT_CPU_ISA forces one), and for large
-M in bf16 a dense path (dequantize for the call, torch's matmul; dispatch.cpu_int4_path)."""
+"""The "cpu" and "cpu-a8" backends of int4_mm: the C++ kernels of csrc/cpu/ (AVX-512, AVX2 or
+portable, picked at run time by the CPU's instruction set; FOURBIT_CPU_ISA forces one).
+
+"cpu" (W4A16): int4_mm_cpu, and for large M in bf16 a dense path (dequantize for the call,
+torch's matmul; dispatch.cpu_int4_path). "cpu-a8" (W4A8): int4_a8_mm_cpu, x quantized to int8
+per block of 32 columns on the fly and integer dot products (AVX-512 VNNI `vpdpbusd`, AVX2
+`vpmaddubsw`), the numerics of reference.int4_mm_a8."""
 
 from __future__ import annotations
 
@@ -21,3 +25,16 @@ def int4_mm(x, qweight, scales, offsets, group_len: int, bias=None, path: str = 
         w = dequantize(qweight, scales, offsets, group_len, x.shape[1], x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     return _C.int4_mm_cpu(x, qweight, scales, offsets, group_len, bias)
+
+
+A8_GROUP_LENS = "32, 64, a multiple of 128, or the whole row"
+
+
+def int4_mm_a8(x, qweight, scales, offsets, group_len: int, bias=None):
+    """x fp32/bf16/fp16 [M, K] @ canonical int4 weight [N, K] -> [M, N] in x's dtype, with x
+    quantized to int8 (reference.int4_mm_a8). group_len: A8_GROUP_LENS (ValueError otherwise)."""
+    k_padded = 8 * qweight.shape[1]
+    if not (group_len in (32, 64, k_padded) or group_len % 128 == 0):
+        raise ValueError(f"backend 'cpu-a8' takes group lengths {A8_GROUP_LENS} (K_padded = {k_padded}), "
+                         f"not {group_len}; use backend 'cpu'")
+    return _C.int4_a8_mm_cpu(x, qweight, scales, offsets, group_len, bias)

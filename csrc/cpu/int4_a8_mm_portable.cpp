@@ -1,0 +1,152 @@
+// Portable CPU W4A8 int4 matmul (any instruction set), and the activation quantization that
+// every width shares. Compiled with the default flags.
+#include <cmath>
+#include <cstring>
+
+#include "fourbit/int4_a8_cpu_kernel.h"
+
+namespace fourbit {
+namespace cpu {
+namespace {
+
+// 32 weight bytes (64 columns, 8 lanes) per "register" in plain C++, the AVX2 layout, in
+// loops the compiler can vectorize for any target.
+struct Portable {
+  static constexpr int C = kInt4A8Chunk, L = C / 8, B = C / 2;
+  static constexpr int MR = 4, NR = 2;
+  struct vec {
+    float v[L];
+  };
+  struct ivec {
+    uint8_t b[B];  // bytes, or L int32 lanes (int_lanes / from_lanes)
+  };
+  static void int_lanes(const ivec& i, int32_t* out) { std::memcpy(out, i.b, B); }
+  static ivec from_lanes(const int32_t* lanes) {
+    ivec r;
+    std::memcpy(r.b, lanes, B);
+    return r;
+  }
+  static ivec load_w(const uint8_t* p) { return load_w(p, B); }
+  static ivec load_w(const uint8_t* p, int bytes) {
+    ivec r{};
+    std::memcpy(r.b, p, bytes);
+    return r;
+  }
+  static ivec low(const ivec& w) {
+    ivec r;
+    for (int t = 0; t < B; ++t) r.b[t] = w.b[t] & 0x0F;
+    return r;
+  }
+  static ivec high(const ivec& w) {
+    ivec r;
+    for (int t = 0; t < B; ++t) r.b[t] = w.b[t] >> 4;
+    return r;
+  }
+  static ivec dot(const ivec& acc, const ivec& u, const int8_t* p) {
+    int32_t lanes[L];
+    int_lanes(acc, lanes);
+    for (int l = 0; l < L; ++l)
+      for (int j = 0; j < 4; ++j) lanes[l] += static_cast<int32_t>(u.b[4 * l + j]) * p[4 * l + j];
+    return from_lanes(lanes);
+  }
+  static ivec izero() { return ivec{}; }
+  static vec to_float(const ivec& i) {
+    int32_t lanes[L];
+    int_lanes(i, lanes);
+    vec r;
+    for (int l = 0; l < L; ++l) r.v[l] = static_cast<float>(lanes[l]);
+    return r;
+  }
+  static vec zero() { return vec{}; }
+  static vec load(const float* p) {
+    vec r;
+    for (int l = 0; l < L; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static vec broadcast(float s) {
+    vec r;
+    for (int l = 0; l < L; ++l) r.v[l] = s;
+    return r;
+  }
+  static vec add(const vec& a, const vec& b) {
+    vec r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] + b.v[l];
+    return r;
+  }
+  static vec mul(const vec& a, const vec& b) {
+    vec r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] * b.v[l];
+    return r;
+  }
+  static vec fma(const vec& a, const vec& b, const vec& c) {
+    vec r;
+    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
+    return r;
+  }
+  static float hsum(const vec& v) {
+    float h = 0.f;
+    for (int l = 0; l < L; ++l) h += v.v[l];
+    return h;
+  }
+  static ivec lane_index(int shift) {
+    int32_t lanes[L];
+    for (int l = 0; l < L; ++l) lanes[l] = l >> shift;
+    return from_lanes(lanes);
+  }
+  static vec expand(const float* p, const ivec& index) {
+    int32_t lanes[L];
+    int_lanes(index, lanes);
+    vec r;
+    for (int l = 0; l < L; ++l) r.v[l] = p[lanes[l]];
+    return r;
+  }
+  static void to_float(const void* p, ScaleType t, int64_t begin, int64_t count, float* out) {
+    int8_scales_to_float_scalar(p, t, begin, count, out);
+  }
+};
+
+}  // namespace
+
+void int4_a8_rows_portable(const Int4A8Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
+  int4_a8_rows<Portable>(a, n_begin, n_end, scratch);
+}
+
+void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
+                                  int chunk_cols, int8_t* xq, float* lane_scale, float* group_sum) {
+  const int64_t chunks = int4_a8_chunks(k_padded, chunk_cols), cols = chunks * chunk_cols;
+  const int64_t lanes = cols / 8, blocks = cols / 32, groups = k_padded / group_len, half = chunk_cols / 2;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    int8_t* qr = xq + r * cols;
+    float* dr = lane_scale + r * lanes;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = 32 * b, c1 = std::min<int64_t>(c0 + 32, k);
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t col = c0; col < c1; ++col) {
+        finite = finite && std::isfinite(xr[col]);
+        amax = std::max(amax, std::fabs(xr[col]));
+      }
+      // d = max|x| / 127 and x * (127 / max|x|) rounded to nearest even: the reference's
+      // roundings (reference.int4_mm_a8). Non-finite blocks: d = NaN, no bytes.
+      const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+      const float d = finite ? amax / 127.f : NAN;
+      for (int64_t l = 0; l < 4; ++l) dr[4 * b + l] = d;
+      for (int64_t col = c0; col < c0 + 32; ++col) {
+        const float v = col < k && inv != 0.f ? std::nearbyint(xr[col] * inv) : 0.f;
+        // Column col of chunk c is byte (col % C) / 2 of the chunk's even or odd half.
+        const int64_t c = col / chunk_cols, within = col % chunk_cols;
+        qr[c * chunk_cols + (within & 1) * half + within / 2] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+      }
+    }
+    float* sr = group_sum + r * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+      for (int64_t col = g * group_len; col < std::min<int64_t>((g + 1) * group_len, k); ++col) sum += xr[col];
+      sr[g] = sum;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fourbit

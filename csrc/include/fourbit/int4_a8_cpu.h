@@ -1,0 +1,86 @@
+// Torch-free interface of the CPU W4A8 int4 matmul kernels (csrc/cpu/int4_a8_mm_*.cpp): the
+// int4 weight of int4_cpu.h against activations quantized to int8 on the fly, the technique
+// of llama.cpp's Q4 x Q8 dot products.
+//
+//   out[m, n] = sum_g s[n, g] sum_{k in g} q[n, k] x[m, k] + sum_g o[n, g] X[m, g] + bias[n]
+//
+// with w = q s + o (canonical layout, python/fourbit/format.py) and X[m, g] the fp32 sum of x
+// over group g. Only the first term is approximated: each block of 32 consecutive columns of
+// a row of x becomes int8 with one fp32 scale d (x ~ d xq, d = max|x| / 127, round to nearest),
+// and sum q x becomes d sum q xq, an exact integer dot product. The offset term uses X from the
+// fp32 x, so a symmetric weight (o = -8 s) loses nothing to it either.
+//
+// The integer products run 4 bytes per 32-bit lane: `vpdpbusd` (AVX-512 VNNI: unsigned byte
+// q times signed byte xq, four products summed into each lane) or `vpmaddubsw` + `vpmaddwd`
+// (AVX2). A weight register of B bytes holds C = 2B columns: its low nibbles are the even
+// columns, its high nibbles the odd ones (byte t of a row holds columns 2t and 2t + 1), so the
+// activations are stored per chunk of C columns as the C/2 even ones then the C/2 odd ones,
+// and lane l of both products covers columns 8l .. 8l + 7 of the chunk. Each chunk's integer
+// lanes are widened to fp32 and scaled by s[n, group of the lane] d[block of the lane].
+//
+// Group lengths: 32, 64, any multiple of 128, or K_padded (one group per row); either a
+// chunk lies inside one group, or its lanes split evenly over C / group_len groups.
+//
+// The inline helpers below are `static`: this header is also compiled inside the AVX2 and
+// AVX-512 translation units (under #pragma GCC target), and internal linkage keeps the
+// linker from ever substituting such a copy for the baseline one the launcher calls.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fourbit/int8_cpu.h"  // ScaleType and the scalar fp16 / bf16 widening
+
+namespace fourbit {
+namespace cpu {
+
+// x after quantization, for one call (int4_a8_quantize_activations).
+struct Int4A8Activations {
+  const int8_t* q;           // [M, chunks * C]: per chunk its C/2 even columns, then its C/2 odd
+  const float* lane_scale;   // [M, chunks * C / 8]: d of the 32-column block of each 8-column lane
+  const float* group_sum;    // [M, groups]: fp32 sum of x over each weight group
+};
+
+struct Int4A8Args {
+  Int4A8Activations x;
+  const uint8_t* w;          // [N, K_padded / 2] the int4 weight's bytes (canonical qweight)
+  const void* scales;        // [N, groups] in scale_type
+  const void* offsets;       // [N, groups] in offset_type
+  ScaleType scale_type, offset_type;
+  const float* bias;         // [N] or nullptr
+  float* out;                // [M, N]
+  int64_t m, n, k_padded, groups, group_len;
+};
+
+// Columns per chunk (C) of each instruction set's weight register: 128 on AVX-512, else 64.
+constexpr int kInt4A8ChunkAvx512 = 128;
+constexpr int kInt4A8Chunk = 64;
+
+// Whether the kernels take this group length (see above), for K_padded columns.
+static inline bool int4_a8_supports_group_len(int64_t group_len, int64_t k_padded) {
+  return group_len == 32 || group_len == 64 || (group_len > 0 && group_len % 128 == 0) || group_len == k_padded;
+}
+
+static inline int64_t int4_a8_chunks(int64_t k_padded, int chunk_cols) { return (k_padded + chunk_cols - 1) / chunk_cols; }
+
+// Weight rows per block of every kernel (the most any V::NR is).
+constexpr int kInt4A8MaxRows = 4;
+
+// Floats of per-thread scratch: a block of weight rows' scales and offsets in fp32 (each row
+// + 4 of padding, read by the last chunk's lane expansion).
+static inline int64_t int4_a8_scratch_floats(int64_t groups) { return 2 * kInt4A8MaxRows * (groups + 4); }
+
+// Quantize rows of x (fp32 [M, K], row-major) for the kernels of one chunk width: xq
+// [M, chunks * C], lane_scale [M, chunks * C / 8], group_sum [M, groups]. Columns past K are
+// zero. A block holding inf or NaN gets scale NaN and zero bytes: its row's outputs are NaN.
+void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
+                                  int chunk_cols, int8_t* xq, float* lane_scale, float* group_sum);
+
+// Rows [n_begin, n_end) of out for every row of x. Safe to call from many threads on
+// disjoint row ranges, each with its own scratch of int4_a8_scratch_floats floats.
+void int4_a8_rows_portable(const Int4A8Args& a, int64_t n_begin, int64_t n_end, float* scratch);
+void int4_a8_rows_avx2(const Int4A8Args& a, int64_t n_begin, int64_t n_end, float* scratch);
+void int4_a8_rows_avx512(const Int4A8Args& a, int64_t n_begin, int64_t n_end, float* scratch);
+
+}  // namespace cpu
+}  // namespace fourbit

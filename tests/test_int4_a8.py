@@ -1,0 +1,236 @@
+"""The "cpu-a8" backend of int4_mm (W4A8: the int4 weight against activations quantized to
+int8 per block of 32 columns): its spec (reference.int4_mm_a8) against plain arithmetic and the
+rounding bound it promises, the C++ kernel on every instruction set this CPU has against that
+spec, its error against the W4A16 result, non-finite inputs, Int4Linear / torch.compile, and
+bad input."""
+
+import os
+
+import pytest
+import torch
+
+import fourbit
+from fourbit import reference
+from fourbit.backends import _C, available_backends
+from fourbit.format import GROUP_SIZES
+from fourbit.nn import Int4Linear
+from helpers import TinyLM, random_int4_weight
+
+HAS_KERNEL = "cpu-a8" in available_backends("cpu")
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="fourbit._C has no int4_a8_mm_cpu (not built)")
+
+
+def _isas() -> list[str]:
+    """The instruction sets the W4A8 kernel runs here (FOURBIT_CPU_ISA forces each; "avx512"
+    runs its VNNI path only where the CPU has VNNI, else AVX2, so it counts only then)."""
+    found = []
+    for isa in ("portable", "avx2", "avx512") if HAS_KERNEL else ():
+        os.environ["FOURBIT_CPU_ISA"] = isa
+        try:
+            ran = _C.int4_a8_mm_cpu_isa()
+        except RuntimeError:
+            continue
+        finally:
+            del os.environ["FOURBIT_CPU_ISA"]
+        if ran.startswith(isa):
+            found.append(isa)
+    return found
+
+
+ISAS = _isas()
+
+
+def a8_bound(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """[M, N]: the most W4A8 may differ from x @ dense.T: each x within d / 2 of xq d (round to
+    nearest, d = max|x| / 127 per block of 32), times |scale q| summed; computed here from x
+    and the fp64 dense weight, not from the spec. dense = q s + m, so |w - m| = |q s|."""
+    m, k = x.shape
+    k32 = -(-k // 32) * 32
+    xp = torch.zeros(m, k32, dtype=torch.float64)
+    xp[:, :k] = x.double()
+    half_step = (xp.view(m, -1, 32).abs().amax(-1) / 127 / 2).repeat_interleave(32, 1)[:, :k]
+    return half_step @ dense.abs().T
+
+
+def offsets_of(weight) -> torch.Tensor:
+    """The weight's offsets [N, K] per column (dense = q s + offsets)."""
+    n, k = weight.shape
+    return weight.offsets.double().repeat_interleave(weight.group_len, 1)[:, :k]
+
+
+# ---- the spec ----
+
+def test_activation_quantization_is_absmax_per_block():
+    x = torch.randn(3, 100) * torch.tensor([1.0, 30.0, 1e-3]).unsqueeze(1)
+    x[1, 40:64] = 0  # a block that is all zero past its first 8 columns
+    x[2, 64:96] = 0  # an all-zero block
+    xq, d = reference.quantize_activations_int8(x)
+    assert xq.shape == (3, 128) and xq.dtype == torch.int8 and d.shape == (3, 4)
+    assert (xq[:, 100:] == 0).all()
+    blocks = torch.zeros(3, 128)
+    blocks[:, :100] = x
+    amax = blocks.view(3, 4, 32).abs().amax(-1)
+    torch.testing.assert_close(d, amax / 127, rtol=0, atol=0)
+    assert (xq.view(3, 4, 32).abs().amax(-1)[amax > 0] == 127).all()  # the largest maps to +-127
+    assert d[2, 2] == 0 and (xq[2, 64:96] == 0).all()
+    err = (xq.float() * d.repeat_interleave(32, 1) - blocks).abs()
+    assert (err <= d.repeat_interleave(32, 1) / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
+def test_spec_is_the_quantized_product_within_its_rounding_bound(group_size, symmetric):
+    """reference.int4_mm_a8 against plain arithmetic: (xq d) @ (w - m).T + x @ m.T, and within
+    a8_bound of the exact x @ w.T; its offset term is exact (a weight of offsets only gives the
+    W4A16 result)."""
+    n, k = 40, 300
+    weight, dense = random_int4_weight(n, k, group_size, symmetric, torch.float32)
+    x = torch.randn(5, k)
+    out = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len).double()
+    xq, d = reference.quantize_activations_int8(x)
+    xd = (xq.double() * d.double().repeat_interleave(32, 1))[:, :k]
+    o = offsets_of(weight)
+    torch.testing.assert_close(out, xd @ (dense - o).T + x.double() @ o.T, rtol=1e-6, atol=1e-5)
+    exact = x.double() @ dense.T
+    assert ((out - exact).abs() <= a8_bound(x, dense) + 1e-4).all()
+    assert (out - exact).abs().max() > 1e-4  # it does quantize x
+
+
+# ---- the kernel against the spec ----
+
+# (M, N, K, group_size): M around the kernels' row blocks (1..4, 8, 17); N not a multiple of
+# their 4 weight rows; K with a partial last chunk (576 = 4.5 x 128, 1000 padded to the group);
+# every group length the kernel takes, the whole row (-1) included.
+CASES = [(1, 64, 576, 32), (2, 37, 576, 64), (3, 50, 1000, 128), (4, 33, 1024, 256), (5, 20, 576, -1),
+         (8, 41, 4096, 128), (17, 9, 160, 32), (1, 7, 96, -1), (6, 130, 2048, 64)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"M{m}-N{n}-K{k}-g{g}" for m, n, k, g in CASES])
+def test_kernel_matches_spec(case, dtype, isa, monkeypatch):
+    monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
+    m, n, k, group_size = case
+    weight, dense = random_int4_weight(n, k, group_size, False, dtype)
+    x = (torch.randn(m, k) * torch.rand(1, k) * 4).to(dtype)  # columns of unequal size, as in a model
+    bias = torch.randn(n).to(dtype)
+    out = fourbit.int4_linear(x, weight, bias, backend="cpu-a8")
+    assert out.dtype == dtype and out.shape == (m, n)
+    want = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len, bias)
+    # Both are the same sums in another order: fp32 rounding of terms bounded by |x| |w|, plus
+    # the output dtype's rounding.
+    scale = x.double().abs() @ dense.abs().T + bias.double().abs()
+    eps = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert ((out.double() - want.double()).abs() <= eps * scale + 1e-5).all()
+    exact = x.double() @ dense.T + bias.double()
+    assert ((out.double() - exact).abs() <= a8_bound(x, dense) + eps * scale + 1e-4).all()
+
+
+@needs_kernel
+def test_error_against_w4a16_is_small_and_real():
+    """The W4A8 result differs from the W4A16 one (it quantizes x), by the relative error
+    documented in the README (well under 1% on Gaussian activations)."""
+    weight, dense = random_int4_weight(512, 4096, 128, False, torch.float16)
+    x = torch.randn(4, 4096)
+    a8 = fourbit.int4_linear(x, weight, backend="cpu-a8").double()
+    a16 = fourbit.int4_linear(x, weight, backend="cpu").double()
+    rel = float((a8 - a16).norm() / a16.norm())
+    assert 1e-4 < rel < 1e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_non_finite_activations_give_nan_rows(isa, monkeypatch):
+    monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
+    weight, _ = random_int4_weight(20, 256, 64, True, torch.float16)
+    x = torch.randn(3, 256)
+    x[0, 5] = float("nan")
+    x[2, 200] = float("inf")
+    out = fourbit.int4_linear(x, weight, backend="cpu-a8")
+    assert out[0].isnan().all() and out[2].isnan().all() and out[1].isfinite().all()
+    want = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len)
+    assert want[0].isnan().all() and want[2].isnan().all()
+
+
+@needs_kernel
+def test_empty_and_zero_inputs():
+    weight, _ = random_int4_weight(16, 128, 32, False, torch.float32)
+    assert fourbit.int4_linear(torch.randn(0, 128), weight, backend="cpu-a8").shape == (0, 16)
+    out = fourbit.int4_linear(torch.zeros(2, 128), weight, torch.ones(16), backend="cpu-a8")
+    torch.testing.assert_close(out, torch.ones(2, 16))
+
+
+# ---- in modules ----
+
+@needs_kernel
+def test_int4_linear_module_eager_and_compiled():
+    layer = Int4Linear.from_linear(torch.nn.Linear(256, 96), group_size=32, backend="cpu-a8")
+    x = torch.randn(3, 7, 256)
+    eager = layer(x)
+    want = reference.int4_mm_a8(x.reshape(-1, 256), layer.qweight, layer.scales, layer.offsets, 32, layer.bias)
+    torch.testing.assert_close(eager.reshape(-1, 96), want, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_a_quantized_model_runs_on_it():
+    torch.manual_seed(0)
+    model = TinyLM()
+    fourbit.quantize_(model, fourbit.Int4WeightOnlyConfig(group_size=32, backend="cpu-a8"))
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.backend == "cpu-a8" for m in layers)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        a8 = model(ids)
+        for m in layers:
+            m.backend = "cpu"
+        a16 = model(ids)
+    assert a8.isfinite().all()
+    assert 0 < float((a8 - a16).norm() / a16.norm()) < 0.05
+
+
+# ---- bad input ----
+
+@needs_kernel
+def test_unsupported_group_length_is_refused():
+    """Int4Weight's group sizes all run; a raw weight of 96-column groups (two per 192-column
+    row) is refused by the op and by the kernel, naming what it takes."""
+    qweight = torch.randint(-2**31, 2**31 - 1, (8, 24), dtype=torch.int32)
+    scales = offsets = torch.ones(8, 2)
+    with pytest.raises(ValueError, match=r"cpu-a8.*group lengths 32, 64, a multiple of 128.*not 96"):
+        torch.ops.fourbit.int4_mm(torch.randn(1, 192), qweight, scales, offsets, 96, None, "cpu-a8")
+    with pytest.raises(RuntimeError, match="group_len must be 32, 64, a multiple of 128"):
+        _C.int4_a8_mm_cpu(torch.randn(1, 192), qweight, scales, offsets, 96)
+
+
+@needs_kernel
+def test_kernel_checks_its_inputs():
+    weight, _ = random_int4_weight(32, 256, 128, False, torch.float32)
+    x = torch.randn(2, 256)
+    cases = [
+        ((x.double(), weight.qweight, weight.scales, weight.offsets, 128), "x must be"),
+        ((x, weight.qweight.float(), weight.scales, weight.offsets, 128), "qweight"),
+        ((x, weight.qweight, weight.scales[:, :1], weight.offsets, 128), "scales"),
+        ((x, weight.qweight, weight.scales, weight.offsets.int(), 128), "offsets"),
+        ((x, weight.qweight, weight.scales, weight.offsets, 64), "scales"),
+        ((torch.randn(2, 300), weight.qweight, weight.scales, weight.offsets, 128), "K"),
+        ((x[0], weight.qweight, weight.scales, weight.offsets, 128), "2-D"),
+    ]
+    for args, word in cases:
+        with pytest.raises(RuntimeError, match=word):
+            _C.int4_a8_mm_cpu(*args)
+
+
+def test_forced_off_the_cpu_is_refused():
+    weight, _ = random_int4_weight(8, 128, 32, False, torch.float32)
+    with pytest.raises(RuntimeError, match="backend 'cpu-a8' cannot run here"):
+        fourbit.int4_linear(torch.randn(1, 128, device="meta"), weight.to("meta"), backend="cpu-a8")
+
+
+def test_auto_never_picks_it():
+    """Its numerics are not the reference's: "auto" keeps the W4A16 kernel on the CPU."""
+    from fourbit import dispatch
+    for m in (1, 4, 16, 1024):
+        assert dispatch.choose_backend(torch.device("cpu"), torch.float32, m, 4096, 4096) != "cpu-a8"

@@ -41,7 +41,7 @@ struct Avx512Vnni {
     return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(_mm_loadu_ps(p)));
   }
   static void to_float(const void* p, ScaleType t, int64_t begin, int64_t count, float* out) {
-    widen_scales_avx512(p, t, begin, count, out);
+    widen_scales_avx512bw(p, t, begin, count, out);
   }
 };
 

@@ -105,6 +105,14 @@ struct Portable {
   }
 };
 
+// Round to nearest, ties to even, for |v| <= 127 (the default rounding mode, as std::nearbyint
+// with no library call): adding 1.5 * 2^23 leaves no fraction bits; subtracting restores v.
+// The compiler may not fold (v + c) - c: fourbit builds without -ffast-math.
+inline float round_to_even(float v) {
+  constexpr float kShift = 12582912.f;
+  return (v + kShift) - kShift;
+}
+
 }  // namespace
 
 void int4_a8_rows_portable(const Int4A8Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
@@ -114,29 +122,32 @@ void int4_a8_rows_portable(const Int4A8Args& a, int64_t n_begin, int64_t n_end, 
 void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
                                   int chunk_cols, int8_t* xq, float* lane_scale, float* group_sum) {
   const int64_t chunks = int4_a8_chunks(k_padded, chunk_cols), cols = chunks * chunk_cols;
-  const int64_t lanes = cols / 8, blocks = cols / 32, groups = k_padded / group_len, half = chunk_cols / 2;
+  const int64_t groups = k_padded / group_len, half = chunk_cols / 2, blocks_per_chunk = chunk_cols / 32;
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * k;
     int8_t* qr = xq + r * cols;
-    float* dr = lane_scale + r * lanes;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t c0 = 32 * b, c1 = std::min<int64_t>(c0 + 32, k);
-      float amax = 0.f;
-      bool finite = true;
-      for (int64_t col = c0; col < c1; ++col) {
-        finite = finite && std::isfinite(xr[col]);
-        amax = std::max(amax, std::fabs(xr[col]));
-      }
-      // d = max|x| / 127 and x * (127 / max|x|) rounded to nearest even: the reference's
-      // roundings (reference.int4_mm_a8). Non-finite blocks: d = NaN, no bytes.
-      const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
-      const float d = finite ? amax / 127.f : NAN;
-      for (int64_t l = 0; l < 4; ++l) dr[4 * b + l] = d;
-      for (int64_t col = c0; col < c0 + 32; ++col) {
-        const float v = col < k && inv != 0.f ? std::nearbyint(xr[col] * inv) : 0.f;
-        // Column col of chunk c is byte (col % C) / 2 of the chunk's even or odd half.
-        const int64_t c = col / chunk_cols, within = col % chunk_cols;
-        qr[c * chunk_cols + (within & 1) * half + within / 2] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+    float* dr = lane_scale + r * (cols / 8);
+    for (int64_t c = 0; c < chunks; ++c) {
+      int8_t* even = qr + c * chunk_cols;  // the chunk's even columns, then its odd ones
+      for (int64_t b = 0; b < blocks_per_chunk; ++b) {
+        const int64_t c0 = c * chunk_cols + 32 * b, live = std::max<int64_t>(0, std::min<int64_t>(32, k - c0));
+        const float* xb = xr + c0;
+        float amax = 0.f;
+        bool finite = true;
+        for (int64_t i = 0; i < live; ++i) {
+          finite = finite && std::isfinite(xb[i]);
+          amax = std::max(amax, std::fabs(xb[i]));
+        }
+        // d = max|x| / 127 and x * (127 / max|x|) rounded to nearest even: the reference's
+        // roundings (reference.int4_mm_a8). Non-finite blocks: d = NaN, no bytes.
+        const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+        const float d = finite ? amax / 127.f : NAN;
+        for (int64_t l = 0; l < 4; ++l) dr[c * (chunk_cols / 8) + 4 * b + l] = d;
+        // Column 32 b + i of the chunk is byte 16 b + i / 2 of its even (i even) or odd half.
+        for (int64_t i = 0; i < 32; ++i) {
+          const float v = i < live && inv != 0.f ? round_to_even(xb[i] * inv) : 0.f;
+          even[(i & 1) * half + 16 * b + i / 2] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+        }
       }
     }
     float* sr = group_sum + r * groups;

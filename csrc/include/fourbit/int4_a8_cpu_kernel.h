@@ -89,12 +89,13 @@ inline void int4_a8_block(const Int4A8Args& a, int64_t n0, int64_t m0, const flo
     for (int r = 0; r < MR; ++r) {
       // The offset term in fp32: sum over groups of o[n, g] X[m, g].
       const float* xs = a.x.group_sum + (m0 + r) * a.groups;
-      vec off = V::zero();
+      // Its lanes join the chunks' in one horizontal sum.
+      vec total = acc[j][r];
       int64_t g = 0;
-      for (; g + L <= a.groups; g += L) off = V::fma(V::load(oj + g), V::load(xs + g), off);
+      for (; g + L <= a.groups; g += L) total = V::fma(V::load(oj + g), V::load(xs + g), total);
       float tail = 0.f;
       for (; g < a.groups; ++g) tail += oj[g] * xs[g];
-      a.out[(m0 + r) * a.n + n0 + j] = V::hsum(acc[j][r]) + (V::hsum(off) + tail) + (a.bias ? a.bias[n0 + j] : 0.f);
+      a.out[(m0 + r) * a.n + n0 + j] = V::hsum(total) + tail + (a.bias ? a.bias[n0 + j] : 0.f);
     }
   }
 }
@@ -127,9 +128,26 @@ inline void int4_a8_rows(const Int4A8Args& a, int64_t n_begin, int64_t n_end, fl
   for (int j = 0; j < NR; ++j)
     for (int i = 0; i < 4; ++i) s[j * row_floats + a.groups + i] = 0.f;
   const bool per_lane = a.groups > 1 && a.group_len < V::C;  // one group: every chunk inside it
+  // Software prefetch, ahead_rows ahead (about 4 KiB of weights): a decode layer's share of
+  // a thread is a few hundred KiB, over before the hardware's stream prefetch has ramped up.
+  // Measured on the 2-core AMD EPYC, interleaved in one process: SmolLM2's 120 int4 layers at
+  // M = 1 from memory 4.3 ms without, 3.1 with 2-4 KiB, 3.3 with 8-16 KiB; 4096 x 4096 g128
+  // 418 against 346 us.
+  const int64_t row_bytes = a.k_padded / 2, ahead_rows = std::max<int64_t>(NR, (int64_t{4} << 10) / row_bytes);
+  const int64_t scale_bytes = a.groups * (a.scale_type == ScaleType::kFloat32 ? 4 : 2);
+  const int64_t offset_bytes = a.groups * (a.offset_type == ScaleType::kFloat32 ? 4 : 2);
   int64_t n0 = n_begin;
   for (; n0 < n_end; n0 += NR) {
     const int rows = static_cast<int>(std::min<int64_t>(NR, n_end - n0));
+    const int64_t next = n0 + ahead_rows, next_rows = std::min<int64_t>(NR, n_end - next);
+    if (next_rows > 0) {
+      const char* w = reinterpret_cast<const char*>(a.w + next * row_bytes);
+      for (int64_t i = 0; i < next_rows * row_bytes; i += 64) __builtin_prefetch(w + i);
+      const char* sp = static_cast<const char*>(a.scales) + next * scale_bytes;
+      const char* op = static_cast<const char*>(a.offsets) + next * offset_bytes;
+      for (int64_t i = 0; i < next_rows * scale_bytes; i += 64) __builtin_prefetch(sp + i);
+      for (int64_t i = 0; i < next_rows * offset_bytes; i += 64) __builtin_prefetch(op + i);
+    }
     for (int j = 0; j < rows; ++j) {
       V::to_float(a.scales, a.scale_type, (n0 + j) * a.groups, a.groups, s + j * row_floats);
       V::to_float(a.offsets, a.offset_type, (n0 + j) * a.groups, a.groups, o + j * row_floats);

@@ -16,8 +16,10 @@
 // ISAs never merge. See int4_cpu.h for the math and the activation layout.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
+#include "fourbit/cpu_prefetch.h"
 #include "fourbit/int4_cpu.h"
 
 namespace fourbit {
@@ -298,8 +300,17 @@ inline void gemm_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, f
 
 template <class V>
 inline void dot_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end) {
+  // The pass kPrefetchBytes of weights ahead is asked for in advance (cpu_prefetch.h).
+  const int64_t row_bytes = a.k_padded / 2, row_floats = a.groups * 4;
+  const int64_t ahead = std::max<int64_t>(kWeightRowsPerPass, kPrefetchBytes / row_bytes);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kWeightRowsPerPass) {
     const int64_t n1 = n0 + kWeightRowsPerPass < n_end ? n0 + kWeightRowsPerPass : n_end;
+    const int64_t next = n0 + ahead, next_rows = std::min<int64_t>(kWeightRowsPerPass, n_end - next);
+    if (next_rows > 0) {
+      prefetch_bytes(a.qweight + next * (row_bytes / 4), next_rows * row_bytes);
+      prefetch_bytes(a.scales + next * a.groups, next_rows * row_floats);
+      prefetch_bytes(a.offsets + next * a.groups, next_rows * row_floats);
+    }
     int64_t m0 = 0;
     for (; m0 + 4 <= a.m; m0 += 4)
       for (int64_t n = n0; n < n1; ++n) int4_row<V, 4, 1>(a, n, m0);

@@ -9,8 +9,10 @@
 // ISAs never merge. See int8_cpu.h for the math and the two schedules.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
+#include "fourbit/cpu_prefetch.h"
 #include "fourbit/int8_cpu.h"
 
 namespace fourbit {
@@ -72,8 +74,17 @@ inline void int8_rows_of_x(const Int8MatmulArgs& a, int64_t n0, const float* s) 
 template <class V>
 inline void int8_rows(const Int8MatmulArgs& a, int64_t n_begin, int64_t n_end, float* scratch) {
   constexpr int64_t NR = kInt8RowsPerBlock;
+  // Rows kPrefetchBytes ahead are asked for in advance (cpu_prefetch.h): the head of a small
+  // model is one long stream, but a layer's share of a thread may not be.
+  const int64_t scale_bytes = a.groups * (a.scale_type == ScaleType::kFloat32 ? 4 : 2);
+  const int64_t ahead_rows = std::max<int64_t>(NR, kPrefetchBytes / std::max<int64_t>(a.k, 1));
   for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
     const int64_t rows = n0 + NR <= n_end ? NR : n_end - n0;
+    const int64_t next = n0 + ahead_rows, next_rows = std::min<int64_t>(NR, n_end - next);
+    if (next_rows > 0) {
+      prefetch_bytes(a.q + next * a.k, next_rows * a.k);
+      prefetch_bytes(static_cast<const char*>(a.scales) + next * scale_bytes, next_rows * scale_bytes);
+    }
     // The block's scales are contiguous ([N, groups] row-major): widen them once.
     V::scales_to_float(a.scales, a.scale_type, n0 * a.groups, rows * a.groups, scratch);
     if (rows == NR) {

@@ -41,7 +41,7 @@ else:
     # bf16 as well as fp32: with AVX-512 BF16 torch's dense bf16 matmul is about twice its
     # fp32 one, and torch's int4 kernel is fast only with bf16.
     SHAPES = {**model_shapes("smollm2-135m"), "4096x4096": (4096, 4096), "4096x11008": (4096, 11008)}
-    ROWS = [1, 4, 16, 64]
+    ROWS = [1, 2, 4, 8, 16, 64]
     DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 if DEVICE.type == "cuda":
@@ -50,7 +50,15 @@ if DEVICE.type == "cuda":
     PROVIDERS = ["torch", "tinygemm", "fourbit-auto", "fourbit-triton", "fourbit-cuda", "fourbit-triton-gemv",
                  "fourbit-triton-gemm", "fourbit-triton-dense"]
 else:
-    PROVIDERS = ["torch", "tinygemm", "tinygemm-fp32", "fourbit-cpu"]
+    # fourbit-cpu-a8: the W4A8 kernel (x quantized to int8 per 32 columns; other numerics,
+    # never "auto"), beside the W4A16 one.
+    PROVIDERS = ["torch", "tinygemm", "tinygemm-fp32", "fourbit-cpu", "fourbit-cpu-a8"]
+
+
+def fourbit_backend(provider: str) -> tuple[str, str]:
+    """(backend, forced Triton path or "") of a fourbit-* provider."""
+    name = provider.removeprefix("fourbit-")
+    return ("triton", name.removeprefix("triton-")) if name.startswith("triton-") else (name, "")
 
 
 def measured(provider: str, k: int, m: int, dtype: torch.dtype) -> str | None:
@@ -60,7 +68,7 @@ def measured(provider: str, k: int, m: int, dtype: torch.dtype) -> str | None:
         if dtype != torch.float16 or not {"gemv": m <= 16, "gemm": True, "dense": m >= 64}[path]:
             return "forced Triton paths are measured in fp16, where they could win"
     if provider.startswith("fourbit-"):
-        backend = provider.split("-")[1]
+        backend = fourbit_backend(provider)[0]
         if backend != "auto" and backend not in fourbit.available_backends(DEVICE):
             return f"backend {backend!r} is not available here"
     if provider == "tinygemm" and dtype != torch.bfloat16:
@@ -90,7 +98,7 @@ def make_call(provider: str, x: torch.Tensor, n: int, k: int):
             sz = torch.randn(k // GROUP, n, 2, dtype=dtype)
             fn = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
         return fn, packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
-    backend, _, path = provider.split("-", 1)[1].partition("-")
+    backend, path = fourbit_backend(provider)
     w = fourbit.quantize_weight(torch.randn(n, k, device=DEVICE, dtype=dtype), GROUP)
     nbytes = sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.offsets))
     if path:

@@ -92,15 +92,21 @@ PROMPT = [1] + list(range(300, 331))  # 32 tokens, as bench_model.py
 BATCHES = [1, 4, 8, 16]
 
 
-def fourbit_rates(model, new_tokens: int, batches: list[int], repeats: int = 3, compile: bool = False) -> dict:
+def fourbit_rates(model, new_tokens: int, batches: list[int], repeats: int = 3, compile: bool = False,
+                  backend: str = "auto") -> dict:
     """fourbit's prompt processing (one 32-token prompt: generate of one token, median of 5)
     and decode rates in total over each batch size (evaluate.decode_tokens_per_second), the
-    decode step compiled (generate(compile=True), after a warm-up that compiles it) or eager."""
+    decode step compiled (generate(compile=True), after a warm-up that compiles it) or eager,
+    the int4 layers on `backend` ("cpu-a8": int8 activations, as llama.cpp computes Q4 x Q8)."""
     import statistics
     import time
 
     from fourbit.evaluate import decode_tokens_per_second
     from fourbit.generate import generate
+    from fourbit.nn import Int4Linear
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.backend = backend
     generate(model, [PROMPT], 1)
 
     def prefill():
@@ -135,9 +141,10 @@ def main() -> None:
     for _ in range(args.rounds):  # alternate, so that a busy moment hits all alike
         eager = fourbit_rates(model, args.new_tokens, args.batches)
         compiled = fourbit_rates(model, args.new_tokens, args.batches, compile=True)
+        a8 = fourbit_rates(model, args.new_tokens, args.batches, compile=True, backend="cpu-a8")
         theirs = bench(gguf, threads, len(PROMPT), args.new_tokens)
         theirs["batched"] = batched_bench(gguf, threads, args.batches, len(PROMPT), args.new_tokens)
-        rounds.append(dict(fourbit=eager, fourbit_compiled=compiled, llama_cpp=theirs))
+        rounds.append(dict(fourbit=eager, fourbit_compiled=compiled, fourbit_compiled_a8=a8, llama_cpp=theirs))
         print(json.dumps(rounds[-1]), flush=True)
 
     def best(side, key, batch=None):
@@ -152,16 +159,21 @@ def main() -> None:
              "`python bench/llama_cpp.py`. Best of "
              f"{args.rounds} alternating rounds; a {len(PROMPT)}-token prompt, {args.new_tokens} new tokens. "
              "fourbit eager is `generate(...)`, compiled `generate(..., compile=True)` (its graphs compiled in a "
-             "warm-up, not timed). Decode rates from llama-batched-bench, and for batch 1 also llama-bench -n.", "",
-             "| measure | fourbit eager | fourbit compiled | llama.cpp | best fourbit / llama.cpp |",
-             "|---|---|---|---|---|"]
+             "warm-up, not timed), both W4A16 (backend \"auto\"); W4A8 is compiled with backend \"cpu-a8\" "
+             "(activations quantized to int8 per 32 columns, as llama.cpp's Q4 x Q8 dot products do). Decode rates "
+             "from llama-batched-bench, and for batch 1 also llama-bench -n.", "",
+             "| measure | fourbit eager | fourbit compiled | fourbit compiled W4A8 | llama.cpp "
+             "| best W4A16 / llama.cpp | W4A8 / llama.cpp |",
+             "|---|---|---|---|---|---|---|"]
     rows = [("prompt processing, tokens/s", "prompt_tok_s", None, best("llama_cpp", "prompt_tok_s"))]
     rows += [(f"decode, batch {b}, tokens/s in total", None, b, best("llama_cpp", None, b)) for b in args.batches]
     if 1 in args.batches:
         rows.append(("decode, batch 1 (llama-bench -n)", None, 1, best("llama_cpp", "decode_tok_s")))
     for name, key, batch, theirs in rows:
         eager, compiled = best("fourbit", key, batch), best("fourbit_compiled", key, batch)
-        lines.append(f"| {name} | {eager:.1f} | {compiled:.1f} | {theirs:.1f} | {max(eager, compiled) / theirs:.2f}x |")
+        a8 = best("fourbit_compiled_a8", key, batch)
+        lines.append(f"| {name} | {eager:.1f} | {compiled:.1f} | {a8:.1f} | {theirs:.1f} "
+                     f"| {max(eager, compiled) / theirs:.2f}x | {a8 / theirs:.2f}x |")
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(dict(commit=commit, threads=threads, rounds=rounds), indent=1))

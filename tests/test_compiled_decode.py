@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fourbit
-from fourbit.generate import _CompiledDecode, compile_stats
+from fourbit.generate import _CompiledDecode, compile_stats, layer_backends
 from fourbit.models import PagedContext
 from helpers import relative_error
 
@@ -52,7 +52,7 @@ def test_a_compiled_step_gives_the_eager_logits_and_cache(tiny, batch):
         step = cache.plan(names, [[t] for t in tokens.tolist()])
         positions = (step.seq_lens - 1).long()
         before = cache.kv.clone()
-        compiled = _CompiledDecode().run(tiny, cache, tokens, positions, step, "auto")
+        compiled = _CompiledDecode().run(tiny, cache, tokens, positions, step, "auto", layer_backends(tiny))
         after_compiled = cache.kv.clone()
         cache.kv.copy_(before)
         eager = tiny(tokens, positions, PagedContext(cache, step))
@@ -76,6 +76,24 @@ def test_compiled_generate_gives_the_eager_tokens(tiny):
     assert buckets == [1, 4], stats
     fourbit.generate(tiny, prompts[:1], max_new_tokens=12, block_size=8, compile=True)
     assert len(compile_stats(tiny)["compile_seconds"]) == 2   # no new graph for a call like an earlier one
+
+
+@pytest.mark.skipif("cpu-a8" not in fourbit.available_backends("cpu"), reason="needs the cpu-a8 kernel")
+def test_switching_layer_backends_compiles_another_graph():
+    """Int4Linear layers moved to another backend between calls (here W4A16 -> W4A8 -> back):
+    each setting gets its own graph, compiled under the raised limit (not dynamo's default 8
+    across many buckets), with no fallback to eager; its tokens are that setting's eager ones."""
+    model = _random_llama(seed=5)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    for backend in ("auto", "cpu-a8", "auto", "cpu-a8"):
+        for module in model.modules():
+            if isinstance(module, fourbit.Int4Linear):
+                module.backend = backend
+        for batch in (prompts, prompts[:1], prompts * 4):  # buckets 2, 1, 8
+            eager = fourbit.generate(model, batch, max_new_tokens=5, block_size=8)
+            assert fourbit.generate(model, batch, max_new_tokens=5, block_size=8, compile=True) == eager
+    stats = compile_stats(model)
+    assert stats["error"] is None and len(stats["compile_seconds"]) == 6, stats
 
 
 def test_a_compile_that_fails_falls_back_to_eager(monkeypatch):

@@ -74,17 +74,40 @@ def demo(args) -> None:
     out = generate(int4, [prompt], args.max_new_tokens, stop_tokens=_stop_tokens(tokenizer, int4))[0]
     print(f"\nuser: {DEMO_QUESTION}\nassistant (int4, greedy): {tokenizer.decode(out).strip()}")
 
+    # On the CPU also the compiled decode step (generate(compile=True): its graphs compiled in a
+    # warm-up, tens of seconds, reported) and the int4 layers on int8 activations ("cpu-a8",
+    # W4A8: llama.cpp's numerics for Q4 x Q8, other than the reference's).
+    runs = [("float", dense, False, "auto"), ("int4", int4, False, "auto")]
+    if device.type == "cpu":
+        runs += [("int4 compiled", int4, True, "auto"), ("int4 W4A8 compiled", int4, True, "cpu-a8")]
     print(f"\nbatch-1 decode speed on {device} (64 tokens, median of 3):")
     speeds = {}
-    for name, model in (("float", dense), ("int4", int4)):
-        speeds[name] = decode_tokens_per_second(model, prompt)
-        print(f"  {name:>5}: {speeds[name]:6.1f} tokens/s")
-    print(f"  int4 is {speeds['int4'] / speeds['float']:.2f}x the float model")
+    for name, model, compiled, backend in runs:
+        _set_int4_backend(model, backend)
+        if compiled:
+            start = time.perf_counter()
+            generate(model, [prompt], 2, compile=True)
+            warm = f"  (compiling its decode step took {time.perf_counter() - start:.0f} s, once)"
+        speeds[name] = decode_tokens_per_second(model, prompt, compile=compiled)
+        print(f"  {name:>18}: {speeds[name]:6.1f} tokens/s, {speeds[name] / speeds['float']:.2f}x the float model"
+              + (warm if compiled else ""))
+    _set_int4_backend(int4, "auto")
 
     ids = tokenizer.encode(default_text())
     print(f"\nperplexity on the first {args.windows} windows of 512 tokens of the Python docs topics:")
-    for name, model in (("float", dense), ("int4", int4)):
-        print(f"  {name:>5}: {perplexity(model, ids, 512, args.windows, progress=False):.3f}")
+    scored = [("float", dense, "auto"), ("int4", int4, "auto")]
+    if device.type == "cpu":
+        scored.append(("int4 W4A8", int4, "cpu-a8"))
+    for name, model, backend in scored:
+        _set_int4_backend(model, backend)
+        print(f"  {name:>9}: {perplexity(model, ids, 512, args.windows, progress=False):.3f}")
+    _set_int4_backend(int4, "auto")
+
+
+def _set_int4_backend(model, backend: str) -> None:
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.backend = backend
 
 
 def generate_cmd(args) -> None:
@@ -398,9 +421,7 @@ def _load(args):
     """The --model, quantized at load by args.config if given, its int4 layers on --backend."""
     model = load_model(args.model, device=args.device, quantize=args.config)
     _check_kept_int4(model, args, args.model)
-    for module in model.modules():
-        if isinstance(module, Int4Linear):
-            module.backend = args.backend
+    _set_int4_backend(model, args.backend)
     return model
 
 

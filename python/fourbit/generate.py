@@ -232,8 +232,8 @@ class _CompiledDecode:
     into a few C++ loops). Rows past the live batch are padding, as in _DecodeGraphs.
 
     Attributes:
-        compile_seconds: {(bucket, num_blocks, block_size, dtype, backend): seconds of the
-            first call (trace, compile and one step)}.
+        compile_seconds: {(bucket, num_blocks, block_size, dtype, backend, layer backends):
+            seconds of the first call (trace, compile and one step)}.
         error: why compiling failed (then generate decodes eagerly), or None.
     """
 
@@ -253,7 +253,9 @@ class _CompiledDecode:
         return compiled
 
     def run(self, model: Llama, cache: PagedKVCache, input_ids, positions, batch: PagedBatch,
-            backend: str) -> torch.Tensor:
+            backend: str, layers: tuple) -> torch.Tensor:
+        """One decode step; `layers` (layer_backends(model)) is part of the graph's key: a layer
+        moved to another backend is another graph (compiled under the raised limit too)."""
         size, device = input_ids.shape[0], input_ids.device
         bucket = 1 << (size - 1).bit_length()
         pad = bucket - size
@@ -272,7 +274,7 @@ class _CompiledDecode:
         query_start_loc = torch.arange(bucket + 1, dtype=torch.int32, device=device)
         torch._dynamo.mark_dynamic(block_tables, 1)
         args = (model, cache, input_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, backend)
-        key = (bucket, cache.num_blocks, cache.block_size, str(model.dtype).split(".")[-1], backend)
+        key = (bucket, cache.num_blocks, cache.block_size, str(model.dtype).split(".")[-1], backend, layers)
         if key in self.compile_seconds:
             return _compiled_step()(*args)[:size]
         start = time.perf_counter()
@@ -281,6 +283,12 @@ class _CompiledDecode:
             logits = _compiled_step()(*args)
         self.compile_seconds[key] = time.perf_counter() - start
         return logits[:size]
+
+
+def layer_backends(model: torch.nn.Module) -> tuple:
+    """The backend attribute of every module that has one (Int4Linear, Int8Linear, ...), in
+    module order: what a compiled graph bakes in besides its inputs' shapes."""
+    return tuple(m.backend for m in model.modules() if isinstance(getattr(m, "backend", None), str))
 
 
 def _num_blocks(needed: int, block_size: int, compile_decode: bool) -> int:
@@ -348,7 +356,7 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
     device = model.device
     compiled = None
     if compile and device.type != "cuda":
-        compiled = _CompiledDecode.of(model)
+        compiled, layers = _CompiledDecode.of(model), layer_backends(model)
         if compiled.error is not None:
             compiled = None
     if cache is None:

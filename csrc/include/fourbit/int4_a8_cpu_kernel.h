@@ -1,6 +1,6 @@
 // The CPU W4A8 int4 matmul kernel body, written once against a SIMD traits type V:
 //   V::C, V::L           columns per weight register (chunk), and its 32-bit lanes (C / 8)
-//   V::MR                rows of x one pass multiplies
+//   V::MR, V::NR         rows of x, and weight rows, one block multiplies
 //   V::vec, V::ivec      a float register of L lanes, an integer register of C / 2 bytes
 //   load_w(p), load_w(p, bytes)   a chunk's C / 2 weight bytes; its first `bytes`, the rest zero
 //   low(w), high(w)      its low and high nibbles as bytes (even and odd columns)

@@ -135,7 +135,8 @@ def test_compiled_generate_on_the_embedded_model(smollm):
         step = cache.plan(names, [[eager[-1]]])
         positions = (step.seq_lens - 1).long()
         before = cache.kv.clone()
-        out = _CompiledDecode().run(smollm, cache, torch.tensor([eager[-1]]), positions, step, "auto")
+        out = _CompiledDecode().run(smollm, cache, torch.tensor([eager[-1]]), positions, step, "auto",
+                                    layer_backends(smollm))
         cache.kv.copy_(before)
         ref = smollm(torch.tensor([eager[-1]]), positions, PagedContext(cache, step))
     assert relative_error(out, ref) < 1e-5

@@ -435,7 +435,7 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
                     graphs = None
             if compiled is not None:
                 try:
-                    logits = compiled.run(model, cache, input_ids, positions, step, backend)
+                    logits = compiled.run(model, cache, input_ids, positions, step, backend, layers)
                 except Exception as error:  # a compile that fails costs speed, not the result
                     compiled.error = f"{type(error).__name__}: {error}"
                     warnings.warn(f"fourbit.generate: torch.compile of the decode step failed "

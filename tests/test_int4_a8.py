@@ -101,8 +101,10 @@ def test_spec_is_the_quantized_product_within_its_rounding_bound(group_size, sym
 # (M, N, K, group_size): M around the kernels' row blocks (1..4, 8, 17); N not a multiple of
 # their 4 weight rows; K with a partial last chunk (576 = 4.5 x 128, 1000 padded to the group);
 # every group length the kernel takes, the whole row (-1) included.
+# M = 2048 (a prefill): torch's fp32 division of a large tensor may round an ulp off, which
+# the spec must not inherit (it divides in fp64 and rounds once, as the kernel's fp32 division).
 CASES = [(1, 64, 576, 32), (2, 37, 576, 64), (3, 50, 1000, 128), (4, 33, 1024, 256), (5, 20, 576, -1),
-         (8, 41, 4096, 128), (17, 9, 160, 32), (1, 7, 96, -1), (6, 130, 2048, 64)]
+         (8, 41, 4096, 128), (17, 9, 160, 32), (1, 7, 96, -1), (6, 130, 2048, 64), (2048, 8, 576, 32)]
 
 
 @needs_kernel
@@ -125,6 +127,23 @@ def test_kernel_matches_spec(case, dtype, isa, monkeypatch):
     assert ((out.double() - want.double()).abs() <= eps * scale + 1e-5).all()
     exact = x.double() @ dense.T + bias.double()
     assert ((out.double() - exact).abs() <= a8_bound(x, dense) + eps * scale + 1e-4).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_quantizes_x_as_the_spec_does(isa, monkeypatch):
+    """A one-hot weight (q = identity, s = 1, m = 0) reads back xq * d column by column: the
+    kernel's int8 x equals the spec's exactly, ties to even included, at decode and prefill M."""
+    monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
+    k = 576
+    qweight = fourbit.format.pack_int4(torch.eye(k, dtype=torch.int32))
+    ones, zeros = torch.ones(k, k // 32), torch.zeros(k, k // 32)
+    for m in (1, 2048):
+        x = torch.randn(m, k) * torch.rand(1, k) * 8
+        x[0, :32] = torch.arange(32) - 15.5  # max 15.5: 127 / 15.5 * (j - 15.5) hits halves
+        out = torch.ops.fourbit.int4_mm(x, qweight, ones, zeros, 32, None, "cpu-a8")
+        xq, d = reference.quantize_activations_int8(x)
+        torch.testing.assert_close(out, xq.float() * d.repeat_interleave(32, 1), rtol=0, atol=0)
 
 
 @needs_kernel

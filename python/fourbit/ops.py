@@ -300,7 +300,8 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None =
         weight: Int4Weight of shape (N, K), canonical layout.
         bias: optional float [N].
         backend: "auto" (dispatch.choose_int4_kernel), or one of "torch", "cpu", "triton",
-            "cuda" to force it (RuntimeError if it cannot run here). "cuda" converts the weight
+            "cuda" to force it (RuntimeError if it cannot run here); "cpu-a8" runs the CPU
+            kernel on int8-quantized activations (W4A8, reference.int4_mm_a8's numerics). "cuda" converts the weight
             to its layout on every call: for repeated calls use Int4Linear, which prepacks once.
     Returns:
         [..., N] in x's dtype. Differentiable in x and bias on every backend (the weight is

@@ -48,9 +48,12 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     blocks = xp.view(m, -1, A8_BLOCK)
     finite = torch.isfinite(blocks).all(-1, keepdim=True)
     amax = torch.where(finite, blocks.abs().amax(-1, keepdim=True), 0.0)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # The quotients correctly rounded to fp32, as the kernel's fp32 divisions give them (via
+    # fp64: one division then one rounding is exact for these; torch's fp32 tensor division
+    # may multiply by a reciprocal instead, off by an ulp).
+    inv = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
     xq = torch.where(finite, blocks * inv, 0.0).round().clamp(-127, 127).to(torch.int8)
-    d = torch.where(finite, amax / 127.0, float("nan"))
+    d = torch.where(finite, (amax.double() / 127.0).float(), float("nan"))
     return xq.view(m, k32), d.view(m, -1)
 
 

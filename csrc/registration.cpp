@@ -1,13 +1,15 @@
 // The one TORCH_LIBRARY(fourbit) block: every schema of the library lives here.
 //
-// Implementations of the schemas are registered from python/fourbit/ops.py (one Python
-// implementation per op that routes to a backend in python/fourbit/backends/: the
-// reference, a C++ kernel bound below, a Triton kernel), together with one fake per op for
-// torch.compile.
+// Each schema has one Python implementation, python/fourbit/ops.py's router to a backend in
+// python/fourbit/backends/ (the reference, a C++ kernel bound below, a Triton kernel),
+// registered there for CUDA tensors with one fake per op for torch.compile. For CPU tensors
+// csrc/cpu/routes.cpp is the implementation: it runs the C++ CPU kernels itself and hands
+// every other call to that router.
 
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/routes.h"
 #include "ops.h"
 
 TORCH_LIBRARY(fourbit, m) {
@@ -65,6 +67,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
   m.def("int8_mm_cpu", &fourbit::int8_mm_cpu, "int8 weight-only matmul, C++ CPU kernel", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("group_len"), py::arg("bias") = py::none());
+  m.def("install_cpu_routes", &fourbit::install_cpu_routes,
+        "hand the ops' Python implementations to the CPU implementations of csrc/cpu/routes.cpp",
+        py::arg("routes"), py::arg("int4_kernel_rows"));
   m.def("int8_mm_cpu_isa", &fourbit::int8_mm_cpu_isa, "vector instruction set of the CPU int8 kernel on this machine");
 #ifdef FOURBIT_WITH_CUDA
   m.def("int4_mm_cuda", &fourbit::int4_mm_cuda, "int4 weight-only matmul, CUDA tensor-core kernel (M <= 64)",

@@ -135,14 +135,16 @@ def test_write_kv_every_isa_bit_exact(dtype, isa):
 
 def test_auto_runs_the_cpu_kernel_on_cpu(monkeypatch):
     """dispatch.choose_attention_backend picks "cpu" on the CPU (measured faster than the
-    reference: bench/results/cpu-attention.md), and "auto" really runs it."""
-    from fourbit.backends import cpu_attention
+    reference: bench/results/cpu-attention.md), and "auto" really runs it: the kernel's own
+    result, bit for bit, with the reference never called."""
+    from fourbit import reference
     assert fourbit.choose_attention_backend(torch.device("cpu"), torch.float32) == "cpu"
-    calls = []
-    real = cpu_attention.paged_attention
-    monkeypatch.setattr(cpu_attention, "paged_attention", lambda *a: calls.append(1) or real(*a))
-    run_decode("auto", "cpu")
-    assert calls
+    monkeypatch.setattr(reference, "paged_attention", lambda *a: pytest.fail("the reference ran"))
+    setup = PagedSetup([1, 37, 70], 2, 64, 16, torch.float32)
+    q = torch.randn(3, 4, 64)
+    out = fourbit.paged_attention(q, setup.k_cache, setup.v_cache, setup.batch(), backend="auto")
+    assert torch.equal(out, ops._C.paged_attention_cpu(q, setup.k_cache, setup.v_cache, setup.block_tables,
+                                                       setup.seq_lens, 64 ** -0.5))
 
 
 # ---- what the kernels check themselves (direct calls; ops.py checks the same earlier) ----

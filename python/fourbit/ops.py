@@ -52,8 +52,9 @@ def resolve(backend: str, device: torch.device, op: str, auto) -> str:
     return backend
 
 
-# ---- One implementation per op: route to the backend. Registered below for the CPU and
-# CUDA dispatch keys of the schemas in csrc/registration.cpp. Backend modules are imported
+# ---- One implementation per op: route to the backend. Registered below for the CUDA
+# dispatch key of the schemas in csrc/registration.cpp, and handed to csrc/cpu/routes.cpp,
+# the CPU implementation, for the calls it does not run in C++. Backend modules are imported
 # when first used: triton is optional and slow to import.
 
 def _int4_mm_impl(x, qweight, scales, offsets, group_len, bias, backend):
@@ -173,20 +174,30 @@ def _int8_mm_backward(ctx, grad_out):
     return grad_x, None, None, None, grad_bias, None
 
 
-_IMPLS = {"int4_mm": _int4_mm_impl, "write_kv": _write_kv_impl, "paged_attention": _paged_attention_impl,
-          "paged_prefill_attention": _paged_prefill_attention_impl}
+_IMPLS = {"int4_mm": _int4_mm_impl, "int8_mm": _int8_mm_impl, "write_kv": _write_kv_impl,
+          "paged_attention": _paged_attention_impl, "paged_prefill_attention": _paged_prefill_attention_impl}
 
 if _C is not None:
-    # The ops are opaque to torch.compile, which sees only the fakes below.
+    # The ops are opaque to torch.compile, which sees only the fakes below. CUDA tensors reach
+    # the Python routers above; CPU tensors reach csrc/cpu/routes.cpp, which runs the C++ CPU
+    # kernels without a Python hop and hands every other call to the same routers. It takes
+    # "cpu" int4_mm calls below the rows where dispatch.cpu_int4_path may leave the kernel.
+    if not hasattr(_C, "install_cpu_routes"):
+        raise ImportError("fourbit._C predates this fourbit (it has no install_cpu_routes); rebuild it with "
+                          "`pip install --no-build-isolation -e .`")
     _lib = torch.library.Library("fourbit", "IMPL")
     for _name, _impl in _IMPLS.items():
-        for _key in ("CPU", "CUDA"):
-            _lib.impl(_name, _impl, _key)
+        _lib.impl(_name, _impl, "CUDA")
+    _C.install_cpu_routes(_IMPLS, min(dispatch.CPU_DENSE_MIN_M.values(), default=2**62))
 
     @torch.library.register_fake("fourbit::int4_mm")
     def _int4_mm_fake(x, qweight, scales, offsets, group_len, bias, backend):
         n = scales.shape[1] if backend == "cuda" else qweight.shape[0]  # the cuda layout is [groups, N]
         return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("fourbit::int8_mm")
+    def _int8_mm_fake(x, qweight, scales, group_len, bias, backend):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
 
     @torch.library.register_fake("fourbit::write_kv")
     def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping, backend):
@@ -202,41 +213,28 @@ if _C is not None:
         return torch.empty_like(q)
 
     torch.library.register_autograd("fourbit::int4_mm", _int4_mm_backward, setup_context=_int4_mm_setup_context)
+    torch.library.register_autograd("fourbit::int8_mm", _int8_mm_backward, setup_context=_int8_mm_setup_context)
 
     _int4_mm = torch.ops.fourbit.int4_mm
+    _int8_mm = torch.ops.fourbit.int8_mm
     _write_kv = torch.ops.fourbit.write_kv
     _paged_attention = torch.ops.fourbit.paged_attention
     _paged_prefill_attention = torch.ops.fourbit.paged_prefill_attention
 else:
     # Without the extension the ops are plain Python; torch.compile traces into them. int4_mm
-    # keeps the same backward (a kernel backend's output has no autograd history of its own).
+    # and int8_mm keep the same backward (a kernel backend's output has no autograd history).
     class _Int4MM(torch.autograd.Function):
         forward = staticmethod(_int4_mm_impl)
         setup_context = staticmethod(_int4_mm_setup_context)
         backward = staticmethod(_int4_mm_backward)
 
-    _int4_mm, _write_kv = _Int4MM.apply, _write_kv_impl
+    class _Int8MM(torch.autograd.Function):
+        forward = staticmethod(_int8_mm_impl)
+        setup_context = staticmethod(_int8_mm_setup_context)
+        backward = staticmethod(_int8_mm_backward)
+
+    _int4_mm, _int8_mm, _write_kv = _Int4MM.apply, _Int8MM.apply, _write_kv_impl
     _paged_attention, _paged_prefill_attention = _paged_attention_impl, _paged_prefill_attention_impl
-
-
-class _Int8MM(torch.autograd.Function):
-    forward = staticmethod(_int8_mm_impl)
-    setup_context = staticmethod(_int8_mm_setup_context)
-    backward = staticmethod(_int8_mm_backward)
-
-
-if _C is not None and hasattr(torch.ops.fourbit, "int8_mm"):
-    for _key in ("CPU", "CUDA"):
-        _lib.impl("int8_mm", _int8_mm_impl, _key)
-
-    @torch.library.register_fake("fourbit::int8_mm")
-    def _int8_mm_fake(x, qweight, scales, group_len, bias, backend):
-        return x.new_empty((x.shape[0], qweight.shape[0]))
-
-    torch.library.register_autograd("fourbit::int8_mm", _int8_mm_backward, setup_context=_int8_mm_setup_context)
-    _int8_mm = torch.ops.fourbit.int8_mm
-else:  # no extension, or one built before int8_mm (its schema): plain Python, traced by torch.compile
-    _int8_mm = _Int8MM.apply
 
 
 # ---- int4 weight-only matmul ----

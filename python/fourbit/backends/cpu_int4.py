@@ -27,14 +27,8 @@ def int4_mm(x, qweight, scales, offsets, group_len: int, bias=None, path: str = 
     return _C.int4_mm_cpu(x, qweight, scales, offsets, group_len, bias)
 
 
-A8_GROUP_LENS = "32, 64, a multiple of 128, or the whole row"
-
-
 def int4_mm_a8(x, qweight, scales, offsets, group_len: int, bias=None):
     """x fp32/bf16/fp16 [M, K] @ canonical int4 weight [N, K] -> [M, N] in x's dtype, with x
-    quantized to int8 (reference.int4_mm_a8). group_len: A8_GROUP_LENS (ValueError otherwise)."""
-    k_padded = 8 * qweight.shape[1]
-    if not (group_len in (32, 64, k_padded) or group_len % 128 == 0):
-        raise ValueError(f"backend 'cpu-a8' takes group lengths {A8_GROUP_LENS} (K_padded = {k_padded}), "
-                         f"not {group_len}; use backend 'cpu'")
+    quantized to int8 (reference.int4_mm_a8). group_len 32, 64, a multiple of 128 or the whole
+    row: the op refuses others (ValueError, csrc/cpu/routes.cpp), the kernel too (TORCH_CHECK)."""
     return _C.int4_a8_mm_cpu(x, qweight, scales, offsets, group_len, bias)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fourbit
-from fourbit.generate import _CompiledDecode, compile_stats, layer_backends
+from fourbit.generate import _CompiledDecode, compile_stats, model_signature
 from fourbit.models import PagedContext
 from helpers import relative_error
 
@@ -52,7 +52,8 @@ def test_a_compiled_step_gives_the_eager_logits_and_cache(tiny, batch):
         step = cache.plan(names, [[t] for t in tokens.tolist()])
         positions = (step.seq_lens - 1).long()
         before = cache.kv.clone()
-        compiled = _CompiledDecode().run(tiny, cache, tokens, positions, step, "auto", layer_backends(tiny))
+        decode = _CompiledDecode()
+        compiled = decode.run(tiny, cache, tokens, positions, step, "auto", decode.variant(tiny))
         after_compiled = cache.kv.clone()
         cache.kv.copy_(before)
         eager = tiny(tokens, positions, PagedContext(cache, step))
@@ -96,6 +97,66 @@ def test_switching_layer_backends_compiles_another_graph():
     assert stats["error"] is None and len(stats["compile_seconds"]) == 6, stats
 
 
+def _halve_output(module, args, output):
+    return output * 0.5
+
+
+def _eps(model):
+    model.layers[1].post_attention_layernorm.eps = 0.25
+
+
+def _hook(model):
+    model.layers[0].mlp.register_forward_hook(_halve_output)
+
+
+def _strided_weight(model):  # the same shape, every other element of a longer tensor
+    norm = model.layers[2].input_layernorm
+    norm.weight = torch.nn.Parameter(torch.randn(2 * norm.weight.numel())[::2])
+
+
+def _float_layer(model):  # an int4 layer swapped for the float layer of its dequantized weight
+    attention = model.layers[0].self_attn
+    int4 = attention.o_proj
+    dense = torch.nn.Linear(int4.in_features, int4.out_features, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(int4.weight.dequantize())
+    attention.o_proj = dense
+
+
+@pytest.mark.parametrize("change", [_eps, _hook, _strided_weight, _float_layer],
+                         ids=["norm-eps", "forward-hook", "strided-weight", "module-swapped"])
+def test_a_model_changed_between_calls_gets_its_own_graph(change):
+    """The compiled step runs without dynamo's guards on the model's modules; model_signature,
+    taken at each generate call, stands in for them. A change a graph is specialized to (an
+    attribute, a hook, a weight's strides, a module's type) makes another graph, whose tokens
+    are the changed model's eager ones (a stale graph would give the old model's tokens, or
+    read a strided weight as contiguous)."""
+    model = _random_llama(seed=11)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3]]
+    assert fourbit.generate(model, prompts, 8, block_size=8, compile=True) == fourbit.generate(model, prompts, 8,
+                                                                                               block_size=8)
+    before = model_signature(model)
+    change(model)
+    assert model_signature(model) != before
+    eager = fourbit.generate(model, prompts, 8, block_size=8)
+    assert fourbit.generate(model, prompts, 8, block_size=8, compile=True) == eager
+    variants = {key[-1] for key in compile_stats(model)["compile_seconds"]}
+    assert variants == {0, 1}
+
+
+def test_new_weight_values_reuse_the_graph():
+    """Weights are inputs of the graph, not constants in it: new values of the same shape and
+    layout (load_state_dict, in place) give the new model's tokens from the same graph."""
+    model = _random_llama(seed=12)
+    prompts = [[7, 7, 1, 2]]
+    fourbit.generate(model, prompts, 6, block_size=8, compile=True)
+    other = _random_llama(seed=13)
+    model.load_state_dict(other.state_dict())
+    assert fourbit.generate(model, prompts, 6, block_size=8, compile=True) == fourbit.generate(other, prompts, 6,
+                                                                                               block_size=8)
+    assert len(compile_stats(model)["compile_seconds"]) == 1
+
+
 def test_a_compile_that_fails_falls_back_to_eager(monkeypatch):
     """A model the compiler cannot take whole (a graph break in a layer; fullgraph refuses
     it): generate warns, decodes eagerly with the same tokens, and does not try again."""
@@ -135,8 +196,8 @@ def test_compiled_generate_on_the_embedded_model(smollm):
         step = cache.plan(names, [[eager[-1]]])
         positions = (step.seq_lens - 1).long()
         before = cache.kv.clone()
-        out = _CompiledDecode().run(smollm, cache, torch.tensor([eager[-1]]), positions, step, "auto",
-                                    layer_backends(smollm))
+        decode = _CompiledDecode()
+        out = decode.run(smollm, cache, torch.tensor([eager[-1]]), positions, step, "auto", decode.variant(smollm))
         cache.kv.copy_(before)
         ref = smollm(torch.tensor([eager[-1]]), positions, PagedContext(cache, step))
     assert relative_error(out, ref) < 1e-5

@@ -16,10 +16,12 @@ cache serves one model (PagedKVCache.claim) of its own geometry.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import operator
 import time
+import types
 import warnings
 
 import torch
@@ -207,25 +209,72 @@ def _decode_step(model: Llama, cache: PagedKVCache, input_ids, positions, slot_m
     return model(input_ids, positions, PagedContext(cache, batch, backend))
 
 
-_COMPILED_STEP = None  # torch.compile(_decode_step), made on first use (dynamo's cache lives on its code)
+_COMPILED_ATTRIBUTE = "_fourbit_compiled_decode"  # where a model keeps its _CompiledDecode
 
 
-def _compiled_step():
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        # fullgraph: a graph break raises (and generate decodes eagerly) rather than run a
-        # step cut into pieces. dynamic=False: one graph per padded batch size; only the
-        # block-table width is symbolic (marked per call). The cache's page count stays
-        # static: torch 2.13's inductor drops the symbolic storage offsets of the per-layer
-        # views a write_kv mutates (both pages written at offset 0), so a symbolic page
-        # count corrupts the cache.
-        # size_asserts off: inductor would check the size and stride of every graph input and
-        # custom-op output on every step, 581 checks per SmolLM2 step (0.55 us each; 5.5 ->
-        # 5.2 ms per step, interleaved in one process). The inputs are what dynamo's guards
-        # already matched; the ops' outputs are contiguous in this graph, as their fakes say
-        # (torch.library.opcheck in the tests, and test_compiled_decode against eager).
-        _COMPILED_STEP = torch.compile(_decode_step, dynamic=False, fullgraph=True, options={"size_asserts": False})
-    return _COMPILED_STEP
+def _new_compiled_step():
+    """torch.compile of a copy of _decode_step with its own code object: dynamo keeps graphs and
+    guards on the code, so a copy's graphs serve only the (model, signature) it was made for.
+
+    fullgraph: a graph break raises (and generate decodes eagerly) rather than run a step cut
+    into pieces. dynamic=False: one graph per padded batch size; only the block-table width is
+    symbolic (marked per call). The cache's page count stays static: torch 2.13's inductor
+    drops the symbolic storage offsets of the per-layer views a write_kv mutates (both pages
+    written at offset 0), so a symbolic page count corrupts the cache.
+
+    No guards on the model's modules (skip_guard_on_all_nn_modules_unsafe): dynamo would check
+    5,300 of them on every step for SmolLM2 (types, hook dicts, attributes, 424 weight
+    tensors), about 1 ms of a 5.7 ms step. model_signature, computed once per generate call,
+    stands in for them; the guards on the cache, the step's tensors and global state stay.
+    size_asserts off: inductor would check the size and stride of every graph input and
+    custom-op output on every step, 581 checks per SmolLM2 step (0.55 us each; 5.5 -> 5.2 ms
+    per step, interleaved in one process). The inputs are what the signature and the guards
+    describe; the ops' outputs are contiguous in this graph, as their fakes say
+    (torch.library.opcheck in the tests, and test_compiled_decode against eager)."""
+    step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, _decode_step.__name__)
+    return torch.compile(step, dynamic=False, fullgraph=True,
+                         options={"size_asserts": False,
+                                  "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _describe(value, depth: int = 0):
+    """A hashable description of one module attribute for model_signature: plain values as
+    themselves; tensors by dtype, device, shape, strides, storage offset and requires_grad
+    (what a graph that takes them as inputs is specialized to, not their values); containers
+    and dataclasses (a config) by their contents; modules (walked on their own), functions
+    (hooks, a patched forward) and other objects by identity."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.device, tuple(value.shape), value.stride(), value.storage_offset(),
+                value.requires_grad)
+    if depth < 4:
+        if isinstance(value, (tuple, list)):
+            return (type(value), tuple(_describe(v, depth + 1) for v in value))
+        if isinstance(value, (set, frozenset)):
+            return (type(value), tuple(sorted(repr(_describe(v, depth + 1)) for v in value)))
+        if isinstance(value, dict):
+            return (type(value), tuple((k, _describe(v, depth + 1)) for k, v in value.items()))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return (type(value), tuple((f.name, _describe(getattr(value, f.name), depth + 1))
+                                       for f in dataclasses.fields(value)))
+    return (type(value), id(value))
+
+
+def model_signature(model: torch.nn.Module) -> tuple:
+    """Everything a compiled decode step reads through the model's modules, as one hashable
+    value: each module's name, type and attributes (its parameters, buffers, hooks, backend,
+    eps, config, ... as _describe gives them). A compiled step runs without dynamo's guards
+    on the modules (see _new_compiled_step); a model whose signature changed between generate
+    calls (a layer moved to another backend, a weight replaced by one of another shape or
+    dtype, a hook added, a module swapped) gets a graph of its own. Changing the model during
+    a generate call is not supported."""
+    return tuple((name, type(module), tuple((k, _describe(v)) for k, v in vars(module).items()
+                                            if k != _COMPILED_ATTRIBUTE))
+                 for name, module in model.named_modules())
 
 
 class _CompiledDecode:
@@ -236,9 +285,13 @@ class _CompiledDecode:
     is the per-op overhead between them (norms, rotary embeddings, SwiGLU, residual adds fused
     into a few C++ loops). Rows past the live batch are padding, as in _DecodeGraphs.
 
+    Each model_signature the model has had gets its own torch.compile (_new_compiled_step):
+    a layer moved to another backend, or any other change between calls, is another graph.
+
     Attributes:
-        compile_seconds: {(bucket, num_blocks, block_size, dtype, backend, layer backends):
-            seconds of the first call (trace, compile and one step)}.
+        compile_seconds: {(bucket, num_blocks, block_size, dtype, backend, variant): seconds of
+            the first call (trace, compile and one step)}; variant counts the model's
+            signatures in the order they were first seen (0, 1, ...).
         error: why compiling failed (then generate decodes eagerly), or None.
     """
 
@@ -248,19 +301,30 @@ class _CompiledDecode:
 
     def __init__(self):
         self.compile_seconds, self.error = {}, None
+        self._variants, self._steps = {}, []  # model_signature -> variant; each variant's step
+
+    def variant(self, model: Llama) -> int:
+        """The number of the model's model_signature now (a new one gets its own compiled step).
+        Once per generate call: the signature walks every module (about 8 ms for SmolLM2), and
+        a tuple that size is hashed anew on each lookup (about 2.6 ms)."""
+        signature = model_signature(model)
+        if signature not in self._variants:
+            self._variants[signature] = len(self._steps)
+            self._steps.append(_new_compiled_step())
+        return self._variants[signature]
 
     @staticmethod
     def of(model: Llama) -> _CompiledDecode:
         """The model's compiled decode (made on first use)."""
-        compiled = model.__dict__.get("_fourbit_compiled_decode")
+        compiled = model.__dict__.get(_COMPILED_ATTRIBUTE)
         if compiled is None:
-            compiled = model.__dict__["_fourbit_compiled_decode"] = _CompiledDecode()
+            compiled = model.__dict__[_COMPILED_ATTRIBUTE] = _CompiledDecode()
         return compiled
 
     def run(self, model: Llama, cache: PagedKVCache, input_ids, positions, batch: PagedBatch,
-            backend: str, layers: tuple) -> torch.Tensor:
-        """One decode step; `layers` (layer_backends(model)) is part of the graph's key: a layer
-        moved to another backend is another graph (compiled under the raised limit too)."""
+            backend: str, variant: int) -> torch.Tensor:
+        """One decode step of `model`, whose model_signature is `variant` (self.variant(model)
+        of this generate call); new graphs compile under the raised limit."""
         size, device = input_ids.shape[0], input_ids.device
         bucket = 1 << (size - 1).bit_length()
         pad = bucket - size
@@ -279,21 +343,16 @@ class _CompiledDecode:
         query_start_loc = torch.arange(bucket + 1, dtype=torch.int32, device=device)
         torch._dynamo.mark_dynamic(block_tables, 1)
         args = (model, cache, input_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, backend)
-        key = (bucket, cache.num_blocks, cache.block_size, str(model.dtype).split(".")[-1], backend, layers)
+        step = self._steps[variant]
+        key = (bucket, cache.num_blocks, cache.block_size, str(model.dtype).split(".")[-1], backend, variant)
         if key in self.compile_seconds:
-            return _compiled_step()(*args)[:size]
+            return step(*args)[:size]
         start = time.perf_counter()
         limit = max(self.RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
         with torch._dynamo.config.patch(recompile_limit=limit):
-            logits = _compiled_step()(*args)
+            logits = step(*args)
         self.compile_seconds[key] = time.perf_counter() - start
         return logits[:size]
-
-
-def layer_backends(model: torch.nn.Module) -> tuple:
-    """The backend attribute of every module that has one (Int4Linear, Int8Linear, ...), in
-    module order: what a compiled graph bakes in besides its inputs' shapes."""
-    return tuple(m.backend for m in model.modules() if isinstance(getattr(m, "backend", None), str))
 
 
 def _num_blocks(needed: int, block_size: int, compile_decode: bool) -> int:
@@ -336,7 +395,10 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
             2-core CPU; compile_stats(model) lists them), later ones run the fused graph.
             If compiling fails, a warning says why and the call decodes eagerly (so do later
             calls on this model). The default cache then has a power of two of pages, at
-            least 256 tokens' worth, so that calls of similar lengths share a graph. Prefill stays eager. On CUDA
+            least 256 tokens' worth, so that calls of similar lengths share a graph. A model
+            changed between calls (a layer's backend, a module, a weight's shape or layout)
+            gets graphs of its own (model_signature); weight values may change freely.
+            Prefill stays eager. On CUDA
             devices the CUDA graphs serve and this is ignored.
     Returns:
         The new tokens of each prompt, in order.
@@ -361,9 +423,11 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
     device = model.device
     compiled = None
     if compile and device.type != "cuda":
-        compiled, layers = _CompiledDecode.of(model), layer_backends(model)
+        compiled = _CompiledDecode.of(model)
         if compiled.error is not None:
             compiled = None
+        else:
+            variant = compiled.variant(model)
     if cache is None:
         block_size = _check_int("block_size", block_size, 1)
         needed = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts) + 1
@@ -440,7 +504,7 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
                     graphs = None
             if compiled is not None:
                 try:
-                    logits = compiled.run(model, cache, input_ids, positions, step, backend, layers)
+                    logits = compiled.run(model, cache, input_ids, positions, step, backend, variant)
                 except Exception as error:  # a compile that fails costs speed, not the result
                     compiled.error = f"{type(error).__name__}: {error}"
                     warnings.warn(f"fourbit.generate: torch.compile of the decode step failed "
@@ -460,8 +524,9 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
 
 def compile_stats(model: Llama) -> dict:
     """What generate(..., compile=True) did on this model: {"compile_seconds": {(bucket,
-    num_blocks, block_size, dtype, backend): first-call seconds}, "error": why compiling
-    failed or None, "threads": torch's intra-op threads now}."""
-    compiled = model.__dict__.get("_fourbit_compiled_decode") or _CompiledDecode()
+    num_blocks, block_size, dtype, backend, variant): first-call seconds}, "error": why
+    compiling failed or None, "threads": torch's intra-op threads now}; a variant is one
+    model_signature of the model (0 for the first seen, then 1, ...)."""
+    compiled = model.__dict__.get(_COMPILED_ATTRIBUTE) or _CompiledDecode()
     return {"compile_seconds": dict(compiled.compile_seconds), "error": compiled.error,
             "threads": torch.get_num_threads()}

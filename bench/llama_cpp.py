@@ -120,9 +120,42 @@ def fourbit_rates(model, new_tokens: int, batches: list[int], repeats: int = 3, 
                 batched=decode)
 
 
+def paired_batch1(model, gguf: Path, threads: int, pairs: int, new_tokens: int) -> dict:
+    """Batch-1 decode rates measured in alternation, seconds apart, so that both sides see the
+    same moments of a shared machine: `pairs` times one fourbit measurement of each compiled
+    setting (W4A16 "auto", W4A8 "cpu-a8"; (time for 1 + new_tokens tokens - time for 1) /
+    new_tokens) then one llama-bench run (-r 1). Graphs compiled before (fourbit_rates).
+
+    Returns {"fourbit_compiled": [...], "fourbit_compiled_a8": [...], "llama_cpp": [...]},
+    tokens/s per pair, in order."""
+    import time
+
+    from fourbit.generate import generate
+    from fourbit.nn import Int4Linear
+
+    def rate(backend):
+        for module in model.modules():
+            if isinstance(module, Int4Linear):
+                module.backend = backend
+        times = []
+        for n in (1 + new_tokens, 1):
+            start = time.perf_counter()
+            generate(model, [PROMPT], n, compile=True)
+            times.append(time.perf_counter() - start)
+        return new_tokens / (times[0] - times[1])
+    out = {"fourbit_compiled": [], "fourbit_compiled_a8": [], "llama_cpp": []}
+    for _ in range(pairs):
+        out["fourbit_compiled"].append(rate("auto"))
+        out["fourbit_compiled_a8"].append(rate("cpu-a8"))
+        out["llama_cpp"].append(bench(gguf, threads, len(PROMPT), new_tokens, repeats=1)["decode_tok_s"])
+    rate("auto")
+    return out
+
+
 def main() -> None:
     import argparse
     import platform
+    import statistics
     import subprocess as sp
 
     import torch
@@ -132,6 +165,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both (default 2)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument("--pairs", type=int, default=10, help="alternations of the paired batch-1 decode (default 10)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu-llama-cpp"))
     args = parser.parse_args()
     gguf = fourbit.models.resolve_source("smollm2-135m")
@@ -146,6 +180,8 @@ def main() -> None:
         theirs["batched"] = batched_bench(gguf, threads, args.batches, len(PROMPT), args.new_tokens)
         rounds.append(dict(fourbit=eager, fourbit_compiled=compiled, fourbit_compiled_a8=a8, llama_cpp=theirs))
         print(json.dumps(rounds[-1]), flush=True)
+    paired = paired_batch1(model, gguf, threads, args.pairs, args.new_tokens)
+    print(json.dumps(paired), flush=True)
 
     def best(side, key, batch=None):
         values = [r[side]["batched"][batch] if batch else r[side][key] for r in rounds]
@@ -174,9 +210,22 @@ def main() -> None:
         a8 = best("fourbit_compiled_a8", key, batch)
         lines.append(f"| {name} | {eager:.1f} | {compiled:.1f} | {a8:.1f} | {theirs:.1f} "
                      f"| {max(eager, compiled) / theirs:.2f}x | {a8 / theirs:.2f}x |")
+    median = statistics.median
+    theirs = paired["llama_cpp"]
+    lines += ["", f"Batch-1 decode in {args.pairs} alternations seconds apart (`--pairs`; each: one fourbit "
+              "measurement of each setting, then one `llama-bench -r 1`), tokens/s; the ratio is the median of the "
+              "per-alternation ratios:", "",
+              "| setting | fourbit median | fourbit range | llama.cpp median | llama.cpp range | fourbit / llama.cpp |",
+              "|---|---|---|---|---|---|"]
+    for side, name in (("fourbit_compiled", "compiled W4A16"), ("fourbit_compiled_a8", "compiled W4A8")):
+        ours = paired[side]
+        ratio = median(a / b for a, b in zip(ours, theirs))
+        lines.append(f"| {name} | {median(ours):.1f} | {min(ours):.0f}-{max(ours):.0f} | {median(theirs):.1f} "
+                     f"| {min(theirs):.0f}-{max(theirs):.0f} | {ratio:.2f}x |")
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(dict(commit=commit, threads=threads, rounds=rounds), indent=1))
+    out.with_suffix(".json").write_text(json.dumps(dict(commit=commit, threads=threads, rounds=rounds, paired=paired),
+                                                   indent=1))
     print("\n".join(lines))
 
 

@@ -83,13 +83,14 @@ def decode_tokens_per_second(model, prompt: list[int], new_tokens: int = 64, rep
                              batch: int = 1, **generate_kwargs) -> float:
     """Decode rate of `batch` copies of prompt, in tokens per second per sequence: (time for
     1 + new_tokens tokens - time for 1) / new_tokens, the prefill cancelling out; median over
-    repeats, after a warm-up (which also compiles, with generate_kwargs compile=True). No stop
-    token: every run decodes the same number of steps. generate_kwargs go to generate."""
+    repeats, after a warm-up of the timed length (which also compiles, with generate_kwargs
+    compile=True: the cache of a longer call may have more pages, which is another graph). No
+    stop token: every run decodes the same number of steps. generate_kwargs go to generate."""
     def run(n):
         start = time.perf_counter()
         generate(model, [prompt] * batch, n, **generate_kwargs)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
-    run(4)
+    run(1 + new_tokens)
     return statistics.median(new_tokens / (run(1 + new_tokens) - run(1)) for _ in range(repeats))

@@ -144,6 +144,31 @@ def test_cpu_kernel_every_instruction_set(isa, monkeypatch):
 
 
 @pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")
+def test_cpu_kernel_takes_avx2_where_avx512_leaves_a_scalar_tail(monkeypatch):
+    """On an AVX-512 CPU the dot-product schedule (M <= 3) runs the AVX2 kernel where K leaves
+    words past AVX-512's last 16-word register and none past AVX2's 8-word ones (K = 576:
+    AVX2's result bit for bit), and the AVX-512 kernel otherwise (K = 1536, and M = 4, the
+    blocked GEMM); FOURBIT_CPU_ISA=avx512 still runs AVX-512's tail at K = 576."""
+    monkeypatch.delenv("FOURBIT_CPU_ISA", raising=False)
+    if ops._C.int4_mm_cpu_isa() != "avx512":
+        pytest.skip("needs an AVX-512 CPU")
+
+    def run(isa, x, weight):
+        if isa:
+            monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
+        else:
+            monkeypatch.delenv("FOURBIT_CPU_ISA", raising=False)
+        return fourbit.int4_linear(x, weight, backend="cpu")
+    for m, k, expected in ((1, 576, "avx2"), (3, 576, "avx2"), (1, 1536, "avx512"), (4, 576, "avx512")):
+        weight, dense = random_int4_weight(256, k, 32, False, torch.float32)
+        x = torch.randn(m, k)
+        auto, avx2, avx512 = (run(isa, x, weight) for isa in (None, "avx2", "avx512"))
+        assert not torch.equal(avx2, avx512)  # the two kernels sum in other orders
+        assert torch.equal(auto, avx2 if expected == "avx2" else avx512), (m, k)
+        assert_matmul_accuracy(auto, x, dense)
+
+
+@pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")
 def test_cpu_kernel_checks_its_inputs():
     weight, _ = random_int4_weight(32, 256, 128, False, torch.float32)
     x = torch.randn(2, 256)

@@ -3,6 +3,7 @@ evaluation text, and decode tokens per second."""
 
 from __future__ import annotations
 
+import gc
 import math
 import numbers
 import statistics
@@ -87,6 +88,7 @@ def decode_tokens_per_second(model, prompt: list[int], new_tokens: int = 64, rep
     compile=True: the cache of a longer call may have more pages, which is another graph). No
     stop token: every run decodes the same number of steps. generate_kwargs go to generate."""
     def run(n):
+        gc.collect()  # as timeit does: no pause of the collector (0.3 s after a compile) inside a timing
         start = time.perf_counter()
         generate(model, [prompt] * batch, n, **generate_kwargs)
         if model.device.type == "cuda":

@@ -29,8 +29,12 @@ RESULTS ?= $(if $(OUT),$(OUT),bench/results)
 demo: $(VENV)/.built
 	$(PY) -m fourbit demo
 
+# pytest runs as `python -P -m pytest`: without -P, -m puts the repository root first on sys.path,
+# where kernels/ (installed as fourbit.kernels) shadows Hugging Face's `kernels` package, which
+# transformers >= 5.25 imports when it is installed (ImportError: cannot import name
+# 'CUDAProperties' from 'kernels'). The same for every pytest target below.
 test: $(VENV)/.built
-	$(PY) -m pytest tests -q --ignore=tests/peers --ignore=tests/vllm
+	$(PY) -P -m pytest tests -q --ignore=tests/peers --ignore=tests/vllm
 
 # ruff check with pyproject.toml's [tool.ruff] rules; it reports, never fixes.
 lint: $(VENV)/.deps
@@ -46,7 +50,7 @@ bench-slow: $(VENV)/.built
 
 # The suites at their smallest size, timing nothing: CI runs this so they keep working.
 bench-smoke: $(VENV)/.built
-	FOURBIT_BENCH_SMOKE=1 $(PY) -m pytest bench -q -p no:cacheprovider --benchmark-disable -m "not slow"
+	FOURBIT_BENCH_SMOKE=1 $(PY) -P -m pytest bench -q -p no:cacheprovider --benchmark-disable -m "not slow"
 
 # The venv and its torch: an existing $(VENV) as it is; else a venv that sees $(PYTHON)'s
 # torch (--system-site-packages) where there is one; else the CPU build torch==$(TORCH_VERSION).
@@ -157,7 +161,7 @@ peer-fixtures: $(PEER_VENV)/.installed
 # (tests/peers/check_export.py write), transformers + compressed-tensors load them in the peer
 # venv and must agree (check).
 peer-test: peer-fixtures $(VENV)/.built
-	FOURBIT_PEER_FIXTURES=$(abspath $(PEER_FIXTURES)) $(PY) -m pytest tests/peers -q -p no:cacheprovider
+	FOURBIT_PEER_FIXTURES=$(abspath $(PEER_FIXTURES)) $(PY) -P -m pytest tests/peers -q -p no:cacheprovider
 	rm -rf .peers/export
 	$(PY) tests/peers/check_export.py write .peers/export
 	cd .peers && $(PEER_ENV) $(abspath $(PEER_PY)) $(abspath tests/peers/check_export.py) check $(abspath .peers/export)
@@ -191,7 +195,7 @@ $(VLLM_VENV)/.fourbit: $(VLLM_VENV)/.installed pyproject.toml tests/vllm/install
 vllm-venv: $(VLLM_VENV)/.fourbit
 
 vllm-test: $(VLLM_VENV)/.fourbit
-	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest tests/vllm -q -p no:cacheprovider --confcutdir=tests/vllm
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -P -m pytest tests/vllm -q -p no:cacheprovider --confcutdir=tests/vllm
 
 # ---- llama.cpp, the CPU peer (bench/llama_cpp.py) ----
 # llama-bench and llama-batched-bench built from the llama.cpp source vendored in the PyPI sdist

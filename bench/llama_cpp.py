@@ -123,34 +123,28 @@ def fourbit_rates(model, new_tokens: int, batches: list[int], repeats: int = 3, 
 def paired_batch1(model, gguf: Path, threads: int, pairs: int, new_tokens: int) -> dict:
     """Batch-1 decode rates measured in alternation, seconds apart, so that both sides see the
     same moments of a shared machine: `pairs` times one fourbit measurement of each compiled
-    setting (W4A16 "auto", W4A8 "cpu-a8"; (time for 1 + new_tokens tokens - time for 1) /
-    new_tokens) then one llama-bench run (-r 1). Graphs compiled before (fourbit_rates).
+    setting (W4A16 "auto", W4A8 "cpu-a8"; evaluate.decode_tokens_per_second, one repeat, no
+    warm-up: the graphs were compiled by fourbit_rates) then one llama-bench run (-r 1).
 
     Returns {"fourbit_compiled": [...], "fourbit_compiled_a8": [...], "llama_cpp": [...]},
     tokens/s per pair, in order."""
-    import gc
-    import time
-
-    from fourbit.generate import generate
+    from fourbit.evaluate import decode_tokens_per_second
     from fourbit.nn import Int4Linear
 
-    def rate(backend):
+    def use(backend):
         for module in model.modules():
             if isinstance(module, Int4Linear):
                 module.backend = backend
-        times = []
-        for n in (1 + new_tokens, 1):
-            gc.collect()  # a collector pause (0.3 s with the compiled graphs alive) made one t(1) > t(65)
-            start = time.perf_counter()
-            generate(model, [PROMPT], n, compile=True)
-            times.append(time.perf_counter() - start)
-        return new_tokens / (times[0] - times[1])
+
+    def rate(backend):
+        use(backend)
+        return decode_tokens_per_second(model, PROMPT, new_tokens, repeats=1, warmup=False, compile=True)
     out = {"fourbit_compiled": [], "fourbit_compiled_a8": [], "llama_cpp": []}
     for _ in range(pairs):
         out["fourbit_compiled"].append(rate("auto"))
         out["fourbit_compiled_a8"].append(rate("cpu-a8"))
         out["llama_cpp"].append(bench(gguf, threads, len(PROMPT), new_tokens, repeats=1)["decode_tok_s"])
-    rate("auto")
+    use("auto")
     return out
 
 

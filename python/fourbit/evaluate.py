@@ -81,12 +81,13 @@ def perplexity(model, token_ids, window: int = 512, max_windows: int | None = No
 
 
 def decode_tokens_per_second(model, prompt: list[int], new_tokens: int = 64, repeats: int = 3,
-                             batch: int = 1, **generate_kwargs) -> float:
+                             batch: int = 1, warmup: bool = True, **generate_kwargs) -> float:
     """Decode rate of `batch` copies of prompt, in tokens per second per sequence: (time for
     1 + new_tokens tokens - time for 1) / new_tokens, the prefill cancelling out; median over
     repeats, after a warm-up of the timed length (which also compiles, with generate_kwargs
-    compile=True: the cache of a longer call may have more pages, which is another graph). No
-    stop token: every run decodes the same number of steps. generate_kwargs go to generate."""
+    compile=True: the cache of a longer call may have more pages, which is another graph;
+    warmup=False skips it where the caller has warmed up). No stop token: every run decodes
+    the same number of steps. generate_kwargs go to generate."""
     def run(n):
         gc.collect()  # as timeit does: no pause of the collector (0.3 s after a compile) inside a timing
         start = time.perf_counter()
@@ -94,5 +95,6 @@ def decode_tokens_per_second(model, prompt: list[int], new_tokens: int = 64, rep
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
-    run(1 + new_tokens)
+    if warmup:
+        run(1 + new_tokens)
     return statistics.median(new_tokens / (run(1 + new_tokens) - run(1)) for _ in range(repeats))

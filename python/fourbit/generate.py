@@ -426,8 +426,7 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
         compiled = _CompiledDecode.of(model)
         if compiled.error is not None:
             compiled = None
-        else:
-            variant = compiled.variant(model)
+    variant = None  # the model's signature, taken at the first decode step (none for prefill-only calls)
     if cache is None:
         block_size = _check_int("block_size", block_size, 1)
         needed = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts) + 1
@@ -504,6 +503,8 @@ def generate(model: Llama, prompts, max_new_tokens: int, temperature: float = 0.
                     graphs = None
             if compiled is not None:
                 try:
+                    if variant is None:
+                        variant = compiled.variant(model)
                     logits = compiled.run(model, cache, input_ids, positions, step, backend, variant)
                 except Exception as error:  # a compile that fails costs speed, not the result
                     compiled.error = f"{type(error).__name__}: {error}"

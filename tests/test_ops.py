@@ -4,7 +4,7 @@ import torch
 import fourbit
 from conftest import backend_cases, need
 from fourbit import ops
-from fourbit.format import GROUP_SIZES
+from fourbit.format import GROUP_SIZES, dequantize
 from helpers import DTYPES, assert_matmul_accuracy, random_int4_weight
 
 # Every (device, backend) pair with an int4 kernel; Triton on the CPU runs in test_triton.py
@@ -142,6 +142,28 @@ def test_cpu_kernel_every_instruction_set(isa, monkeypatch):
         bias = torch.randn(n)
         assert_matmul_accuracy(fourbit.int4_linear(x, weight, bias, backend="cpu"), x, dense, bias)
 
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_kernel_reads_16_bit_scales_as_their_fp32_widening(isa, monkeypatch):
+    """The dot-product schedule (M <= 3) widens fp16 / bf16 scales and offsets one pass of
+    weight rows at a time, inside the kernel: widening is exact, so the result is bit for bit
+    the kernel's result on the same scales given as fp32, for scales and offsets of either
+    dtype (fp32 offsets beside 16-bit scales: exact imports), partial passes (N = 37) and a
+    word tail (K = 1000); and it matches the fp64 reference."""
+    force_cpu_isa(isa, monkeypatch)
+    for m, (n, k), group_size in [(1, (37, 1000), -1), (1, (64, 576), 32), (2, (45, 520), 64), (3, (21, 1024), 128)]:
+        weight, _ = random_int4_weight(n, k, group_size, False, torch.float32)
+        x = torch.randn(m, k)
+        bias = torch.randn(n)
+        glen = weight.group_len
+        for scale_dtype, offset_dtype in [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]:
+            scales, offsets = weight.scales.to(scale_dtype), weight.offsets.to(offset_dtype)
+            out = ops._C.int4_mm_cpu(x, weight.qweight, scales, offsets, glen, bias)
+            widened = ops._C.int4_mm_cpu(x, weight.qweight, scales.float(), offsets.float(), glen, bias)
+            assert torch.equal(out, widened), (m, n, k, group_size, scale_dtype, offset_dtype)
+            dense = dequantize(weight.qweight, scales, offsets, glen, k, torch.float64)
+            assert_matmul_accuracy(out, x, dense, bias)
 
 @pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")
 def test_cpu_kernel_takes_avx2_where_avx512_leaves_a_scalar_tail(monkeypatch):

@@ -1,9 +1,10 @@
 // AVX2 + FMA CPU int4 matmul: 8 words (64 columns) per register. Everything in this
 // translation unit is compiled for AVX2; it includes no torch or STL code, so no inline
 // function built here can stand in for a baseline copy elsewhere (int4_cpu_kernel.h).
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include "fourbit/cpu_widen.h"
 #include "fourbit/int4_cpu_kernel.h"
 #include "fourbit/int4_cpu_transpose8.h"
 
@@ -47,6 +48,9 @@ struct Avx2 {
   static vec gather(const float* p, ivec idx) { return _mm256_i32gather_ps(p, idx, 4); }
   // out[t] lane l = rows[l][j + t] (int4_cpu_transpose8.h).
   static void load_transposed(const int32_t* const* rows, int64_t j, ivec out[8]) { transpose_words_8x8(rows, j, out); }
+  static void widen(const void* p, ScaleType t, int64_t begin, int64_t count, float* out) {
+    widen_scales_avx2(p, t, begin, count, out);
+  }
   static float hsum(vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

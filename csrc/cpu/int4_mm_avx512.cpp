@@ -1,11 +1,12 @@
 // AVX-512 CPU int4 matmul: 16 words (128 columns) per register. Compiled for AVX-512F/DQ
 // in this translation unit only, chosen at run time when the CPU has it (int4_mm.cpp).
-#pragma GCC target("avx2,avx512f,avx512dq,fma")
+#pragma GCC target("avx2,avx512f,avx512dq,fma,f16c")
 // GCC 12 warns about the deliberately undefined upper lanes inside its own avx512fintrin.h.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "fourbit/cpu_widen.h"
 #include "fourbit/int4_cpu_kernel.h"
 #include "fourbit/int4_cpu_transpose8.h"
 
@@ -57,6 +58,9 @@ struct Avx512 {
     transpose_words_8x8(rows, j, lo);
     transpose_words_8x8(rows + 8, j, hi);
     for (int t = 0; t < 8; ++t) out[t] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[t]), hi[t], 1);
+  }
+  static void widen(const void* p, ScaleType t, int64_t begin, int64_t count, float* out) {
+    widen_scales_avx512(p, t, begin, count, out);
   }
   static float hsum(vec v) { return _mm512_reduce_add_ps(v); }
 };

@@ -82,6 +82,9 @@ struct Portable {
     for (int t = 0; t < 8; ++t)
       for (int l = 0; l < W; ++l) out[t].v[l] = static_cast<uint32_t>(rows[l][j + t]);
   }
+  static void widen(const void* p, ScaleType t, int64_t begin, int64_t count, float* out) {
+    int8_scales_to_float_scalar(p, t, begin, count, out);
+  }
   static float hsum(const vec& v) {
     // Pairwise, as the AVX2 kernel adds its lanes.
     float h[4];

@@ -43,6 +43,8 @@
 
 #include <cstdint>
 
+#include "fourbit/int8_cpu.h"  // ScaleType
+
 namespace fourbit {
 namespace cpu {
 
@@ -50,8 +52,13 @@ struct Int4MatmulArgs {
   const float* x;          // [M, k] fp32 activations, row-major (blocked GEMM schedule)
   const float* xp;         // [M, k_padded] permuted activations, zero past K (dot-product schedule only)
   const int32_t* qweight;  // [N, k_padded / 8] canonical packing
-  const float* scales;     // [N, groups]
-  const float* offsets;    // [N, groups]
+  // [N, groups] each, row-major, in their own dtype: the dot-product schedule widens one pass
+  // of weight rows at a time into its scratch (int4_dot_scratch_floats), so fp16 / bf16 scales
+  // cost no conversion per call; the blocked GEMM reads fp32 only (the launcher widens them
+  // for it, once per call: its cost is shared by more than 3 rows of x).
+  const void* scales;
+  const void* offsets;
+  ScaleType scale_type, offset_type;
   const float* bias;       // [N] or nullptr
   float* out;              // [M, N]
   int64_t m, n, k, k_padded, groups, group_len;
@@ -76,9 +83,15 @@ static inline bool int4_use_dot(int64_t m, int64_t group_len, int64_t groups, in
   return group_len == 32 || (width == 16 && group_len == 64);
 }
 
+// Weight rows the dot-product schedule visits per pass over the rows of x: their packed words
+// (8 x K/2 bytes) stay in L1/L2 while every group of MR rows of x streams past them.
+constexpr int64_t kWeightRowsPerPass = 8;
+
 // Output rows per unit of work handed to a thread: the blocked GEMM works on panels of
-// 2 W weight rows; the dot-product schedule visits 8 rows per pass.
-static inline int64_t int4_rows_per_unit(bool dot, int width) { return dot ? 8 : 2 * static_cast<int64_t>(width); }
+// 2 W weight rows; the dot-product schedule visits kWeightRowsPerPass rows per pass.
+static inline int64_t int4_rows_per_unit(bool dot, int width) {
+  return dot ? kWeightRowsPerPass : 2 * static_cast<int64_t>(width);
+}
 
 // Columns of one dequantized GEMM panel: 2 W rows x 2048 / W columns x 4 bytes = 16 KiB at
 // any width, so the panel stays in L1 next to the streaming rows of x while every row of x
@@ -89,8 +102,13 @@ static inline int64_t int4_panel_cols(int width) { return 2048 / width; }
 // last word of a panel is dequantized whole even where K ends inside it.
 static inline int64_t int4_scratch_floats(int width) { return (int4_panel_cols(width) + 8) * 2 * width; }
 
+// Floats of per-thread scratch of the dot-product schedule: one pass of weight rows' scales
+// and offsets widened to fp32.
+static inline int64_t int4_dot_scratch_floats(int64_t groups) { return 2 * kWeightRowsPerPass * groups; }
+
 // Rows [n_begin, n_end) of out, for every row of x. Each is safe to call from many threads
-// on disjoint row ranges, each with its own scratch of int4_scratch_floats(W) floats.
+// on disjoint row ranges, each with its own scratch of int4_dot_scratch_floats(groups)
+// (dot) or int4_scratch_floats(W) (GEMM) floats.
 // Vector width W: portable 8, avx2 8, avx512 16. `dot` must be int4_use_dot(...).
 void int4_matmul_rows_portable(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch);
 void int4_matmul_rows_avx2(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch);

@@ -8,6 +8,7 @@
 //   weights(words, i, g)  fp32 q s + m of nibble i of every word, all in group g
 //   lane_scales(p, per)   `per` consecutive scales, scale j spread over lanes [j W / per, (j + 1) W / per)
 //   store(p, v)           W floats
+//   widen(p, type, begin, count, out)   count scales (fp32 / fp16 / bf16) from p + begin as fp32
 //   row_offsets(first, last, stride)   int32 lane l = min(first + l, last) * stride
 //   gather_words(p, idx) / gather(p, idx)   lane l = p[idx[l]] (int32 words / floats)
 //   load_transposed(rows, j, out[8])   out[t] lane l = rows[l][j + t]  (W rows, 8 words each)
@@ -28,9 +29,6 @@ namespace cpu {
 // ---- Few rows of x (decode): dot-product schedule, int4_cpu.h (1) ----
 // Up to kDotMaxRows (int4_cpu.h) rows of x, each weight register is unpacked and dequantized
 // once per group of MR <= 4 rows of x and feeds MR multiply-adds.
-// Weight rows visited per pass over the rows of x: their packed words (8 x K/2 bytes)
-// stay in L1/L2 while every group of MR rows of x streams past them.
-constexpr int64_t kWeightRowsPerPass = 8;
 // Registers of weights summed into the per-lane accumulators before those are added into the
 // running totals (and at least at every group boundary): two-level summation, so no fp32
 // chain is longer than about 8 / CH x this + K / (8 W x this) terms (the reference's BLAS
@@ -38,8 +36,9 @@ constexpr int64_t kWeightRowsPerPass = 8;
 constexpr int64_t kRegistersPerPartialSum = 4;
 
 template <class V, int MR, int NR>
-inline void int4_row(const Int4MatmulArgs& a, int64_t n0, int64_t m0) {
-  // Weight rows n0 .. n0 + NR - 1 against rows m0 .. m0 + MR - 1 of x.
+inline void int4_row(const Int4MatmulArgs& a, const float* scales, const float* offsets, int64_t n0, int64_t m0) {
+  // Weight rows n0 .. n0 + NR - 1 against rows m0 .. m0 + MR - 1 of x; scales / offsets: fp32
+  // [NR, groups], those rows' own.
   using vec = typename V::vec;
   using ivec = typename V::ivec;
   constexpr int W = V::W;
@@ -97,8 +96,8 @@ inline void int4_row(const Int4MatmulArgs& a, int64_t n0, int64_t m0) {
       for (int64_t b = b0; b < b1; ++b) {
         vec s[NR], m[NR];
         for (int c = 0; c < NR; ++c) {
-          s[c] = V::lane_scales(a.scales + (n0 + c) * a.groups + b * per, per);
-          m[c] = V::lane_scales(a.offsets + (n0 + c) * a.groups + b * per, per);
+          s[c] = V::lane_scales(scales + c * a.groups + b * per, per);
+          m[c] = V::lane_scales(offsets + c * a.groups + b * per, per);
         }
         accumulate(b, b + 1, [&](const ivec& words, int i, int c) { return V::fma(V::nibble(words, i), s[c], m[c]); });
       }
@@ -111,7 +110,7 @@ inline void int4_row(const Int4MatmulArgs& a, int64_t n0, int64_t m0) {
     for (int64_t b0 = 0, g = 0; b0 < full_blocks; b0 += per_group, ++g) {
       const int64_t group_end = b0 + per_group < full_blocks ? b0 + per_group : full_blocks;
       typename V::group_t grp[NR];
-      for (int c = 0; c < NR; ++c) grp[c] = V::group(a.scales[(n0 + c) * a.groups + g], a.offsets[(n0 + c) * a.groups + g]);
+      for (int c = 0; c < NR; ++c) grp[c] = V::group(scales[c * a.groups + g], offsets[c * a.groups + g]);
       for (int64_t b = b0; b < group_end; b += kRegistersPerPartialSum) {
         accumulate(b, b + kRegistersPerPartialSum < group_end ? b + kRegistersPerPartialSum : group_end,
                    [&](const ivec& words, int i, int c) { return V::weights(words, i, grp[c]); });
@@ -123,8 +122,8 @@ inline void int4_row(const Int4MatmulArgs& a, int64_t n0, int64_t m0) {
   for (int c = 0; c < NR; ++c) {
     const int64_t n = n0 + c;
     const int32_t* words_row = a.qweight + n * words_per_row;
-    const float* s_row = a.scales + n * a.groups;
-    const float* m_row = a.offsets + n * a.groups;
+    const float* s_row = scales + c * a.groups;
+    const float* m_row = offsets + c * a.groups;
     for (int r = 0; r < MR; ++r) {
       // Words past the last full register, in natural column order, one word at a time.
       const float* xr = a.xp + (m0 + r) * a.k_padded;
@@ -189,8 +188,9 @@ inline void dequantize_panel(const Int4MatmulArgs& a, int64_t n0, int64_t rows, 
     for (int64_t j = j_begin; j < j_end; j += 16) __builtin_prefetch(a.qweight + n * words_per_row + j);
 
   const int32_t* w_base = a.qweight + n0 * words_per_row;
-  const float* s_base = a.scales + n0 * a.groups;
-  const float* m_base = a.offsets + n0 * a.groups;
+  // fp32 here: the launcher widens the scales for the blocked GEMM (int4_cpu.h).
+  const float* s_base = static_cast<const float*>(a.scales) + n0 * a.groups;
+  const float* m_base = static_cast<const float*>(a.offsets) + n0 * a.groups;
   for (int h = 0; h < 2; ++h) {
     const int32_t* row_ptr[W];
     for (int l = 0; l < W; ++l) row_ptr[l] = w_base + (h * W + l < rows ? h * W + l : rows - 1) * words_per_row;
@@ -299,38 +299,51 @@ inline void gemm_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, f
 }
 
 template <class V>
-inline void dot_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end) {
+inline void dot_rows(const Int4MatmulArgs& a, int64_t n_begin, int64_t n_end, float* scratch) {
   // The pass kPrefetchBytes of weights ahead is asked for in advance (cpu_prefetch.h).
-  const int64_t row_bytes = a.k_padded / 2, row_floats = a.groups * 4;
+  const int64_t row_bytes = a.k_padded / 2;
+  const int64_t scale_bytes = a.groups * (a.scale_type == ScaleType::kFloat32 ? 4 : 2);
+  const int64_t offset_bytes = a.groups * (a.offset_type == ScaleType::kFloat32 ? 4 : 2);
   const int64_t ahead = std::max<int64_t>(kWeightRowsPerPass, kPrefetchBytes / row_bytes);
+  // The pass's scales and offsets as fp32: in place, or widened into scratch.
+  auto pass_rows = [&](const void* p, ScaleType t, int64_t n0, int64_t rows, float* buf) -> const float* {
+    if (t == ScaleType::kFloat32) return static_cast<const float*>(p) + n0 * a.groups;
+    V::widen(p, t, n0 * a.groups, rows * a.groups, buf);
+    return buf;
+  };
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kWeightRowsPerPass) {
     const int64_t n1 = n0 + kWeightRowsPerPass < n_end ? n0 + kWeightRowsPerPass : n_end;
     const int64_t next = n0 + ahead, next_rows = std::min<int64_t>(kWeightRowsPerPass, n_end - next);
     if (next_rows > 0) {
       prefetch_bytes(a.qweight + next * (row_bytes / 4), next_rows * row_bytes);
-      prefetch_bytes(a.scales + next * a.groups, next_rows * row_floats);
-      prefetch_bytes(a.offsets + next * a.groups, next_rows * row_floats);
+      prefetch_bytes(static_cast<const char*>(a.scales) + next * scale_bytes, next_rows * scale_bytes);
+      prefetch_bytes(static_cast<const char*>(a.offsets) + next * offset_bytes, next_rows * offset_bytes);
     }
+    const float* s = pass_rows(a.scales, a.scale_type, n0, n1 - n0, scratch);
+    const float* o = pass_rows(a.offsets, a.offset_type, n0, n1 - n0, scratch + kWeightRowsPerPass * a.groups);
     int64_t m0 = 0;
     for (; m0 + 4 <= a.m; m0 += 4)
-      for (int64_t n = n0; n < n1; ++n) int4_row<V, 4, 1>(a, n, m0);
+      for (int64_t n = n0; n < n1; ++n) int4_row<V, 4, 1>(a, s + (n - n0) * a.groups, o + (n - n0) * a.groups, n, m0);
     const int64_t rest = a.m - m0;
     int64_t n = n0;
     if (rest == 1)  // decode: two weight rows at a time share each x load
-      for (; n + 2 <= n1; n += 2) int4_row<V, 1, 2>(a, n, m0);
+      for (; n + 2 <= n1; n += 2) int4_row<V, 1, 2>(a, s + (n - n0) * a.groups, o + (n - n0) * a.groups, n, m0);
     for (; n < n1; ++n) {
-      if (rest == 3) int4_row<V, 3, 1>(a, n, m0);
-      if (rest == 2) int4_row<V, 2, 1>(a, n, m0);
-      if (rest == 1) int4_row<V, 1, 1>(a, n, m0);
+      const float* sn = s + (n - n0) * a.groups;
+      const float* on = o + (n - n0) * a.groups;
+      if (rest == 3) int4_row<V, 3, 1>(a, sn, on, n, m0);
+      if (rest == 2) int4_row<V, 2, 1>(a, sn, on, n, m0);
+      if (rest == 1) int4_row<V, 1, 1>(a, sn, on, n, m0);
     }
   }
 }
 
-// Rows [n_begin, n_end) for any M; `scratch` holds int4_scratch_floats(V::W) floats.
+// Rows [n_begin, n_end) for any M; `scratch` holds int4_dot_scratch_floats(groups) (dot) or
+// int4_scratch_floats(V::W) (GEMM) floats.
 template <class V>
 inline void int4_rows(const Int4MatmulArgs& a, bool dot, int64_t n_begin, int64_t n_end, float* scratch) {
   if (dot)
-    dot_rows<V>(a, n_begin, n_end);
+    dot_rows<V>(a, n_begin, n_end, scratch);
   else
     gemm_rows<V>(a, n_begin, n_end, scratch);
 }

@@ -31,12 +31,6 @@ inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "portable";
 }
 
-// Whether FOURBIT_CPU_ISA names the instruction set (then no launcher picks another).
-inline bool isa_forced() {
-  const char* forced = std::getenv("FOURBIT_CPU_ISA");
-  return forced != nullptr && *forced != '\0';
-}
-
 inline Isa pick_isa() {
   const char* forced = std::getenv("FOURBIT_CPU_ISA");
   if (forced != nullptr && *forced != '\0') {

@@ -165,32 +165,23 @@ def test_cpu_kernel_reads_16_bit_scales_as_their_fp32_widening(isa, monkeypatch)
             dense = dequantize(weight.qweight, scales, offsets, glen, k, torch.float64)
             assert_matmul_accuracy(out, x, dense, bias)
 
-@pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")
-def test_cpu_kernel_takes_avx2_where_avx512_leaves_a_scalar_tail(monkeypatch):
-    """On an AVX-512 CPU the dot-product schedule (M <= 3) runs the AVX2 kernel where K leaves
-    words past AVX-512's last 16-word register and none past AVX2's 8-word ones (K = 576:
-    AVX2's result bit for bit), and the AVX-512 kernel otherwise (K = 1536, and M = 4, the
-    blocked GEMM); FOURBIT_CPU_ISA=avx512 still runs AVX-512's tail at K = 576."""
-    monkeypatch.delenv("FOURBIT_CPU_ISA", raising=False)
-    if ops._C.int4_mm_cpu_isa() != "avx512":
-        pytest.skip("needs an AVX-512 CPU")
-
-    def run(isa, x, weight):
-        if isa:
-            monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
-        else:
-            monkeypatch.delenv("FOURBIT_CPU_ISA", raising=False)
-        return fourbit.int4_linear(x, weight, backend="cpu")
-    for m, k, expected in ((1, 576, "avx2"), (3, 576, "avx2"), (1, 1536, "avx512"), (4, 576, "avx512")):
-        weight, dense = random_int4_weight(256, k, 32, False, torch.float32)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_kernel_rows_past_the_last_full_register(isa, monkeypatch):
+    """Rows whose words end past the last full register: on AVX-512 8 or more such words run
+    one half-width (8-word) block, then the rest one word at a time. Every dot-product case
+    (M = 1 with two weight rows at a time and an odd one, M = 2, 3) and every group kind
+    (32: two groups in the half block; 64: one; one group per row), with and without words
+    after the half block, against the fp64 reference."""
+    force_cpu_isa(isa, monkeypatch)
+    # K_padded / 8 words per row: 72 = 4 x 16 + 8 (SmolLM2's 576), 124 = 7 x 16 + 12, 125, 76.
+    for m, (n, k), group_size in [(1, (19, 576), 32), (2, (9, 576), 64), (3, (11, 576), -1), (1, (21, 992), 32),
+                                  (2, (17, 1000), -1), (1, (13, 608), 32), (3, (8, 992), 32)]:
+        weight, dense = random_int4_weight(n, k, group_size, False, torch.float32)
         x = torch.randn(m, k)
-        auto, avx2, avx512 = (run(isa, x, weight) for isa in (None, "avx2", "avx512"))
-        assert not torch.equal(avx2, avx512)  # the two kernels sum in other orders
-        assert torch.equal(auto, avx2 if expected == "avx2" else avx512), (m, k)
-        assert_matmul_accuracy(auto, x, dense)
+        bias = torch.randn(n)
+        assert_matmul_accuracy(fourbit.int4_linear(x, weight, bias, backend="cpu"), x, dense, bias)
 
 
-@pytest.mark.skipif(ops._C is None, reason="needs fourbit._C")
 def test_cpu_kernel_checks_its_inputs():
     weight, _ = random_int4_weight(32, 256, 128, False, torch.float32)
     x = torch.randn(2, 256)

@@ -25,8 +25,7 @@ using cpu::scale_type;
 
 }  // namespace
 
-// The widest instruction set the kernel runs here (a launch may take AVX2 on AVX-512 CPUs for
-// the dot-product schedule where K leaves AVX-512 a scalar tail; see int4_mm_cpu).
+// The instruction set the kernel runs here.
 const char* int4_mm_cpu_isa() { return isa_name(pick_isa()); }
 
 at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -70,19 +69,7 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
     return out.to(x.scalar_type());
   }
 
-  Isa isa = pick_isa();
-  // AVX-512's dot-product schedule covers K in registers of 16 words (128 columns) and leaves
-  // the words past the last full register to a scalar loop. Where AVX2's 8-word registers
-  // cover K exactly, the AVX2 kernel is faster (SmolLM2's K = 576: 4 registers and 64 scalar
-  // columns per row on AVX-512; group 32, M = 1, 2 threads, interleaved on this project's AMD
-  // EPYC: 3072 x 576 66 against 115 us, 960 x 576 27 against 43, 576 x 576 20 against 30;
-  // with no tail, 576 x 1536, AVX-512 leads, 29 against 38). Not when FOURBIT_CPU_ISA forces
-  // the instruction set (the tests run the AVX-512 tail that way).
-  const int64_t words_per_row = k_padded / 8;
-  if (isa == Isa::kAvx512 && !cpu::isa_forced() && words_per_row % 16 != 0 && words_per_row % 8 == 0 &&
-      cpu::int4_use_dot(m, group_len, groups, 16) && cpu::int4_use_dot(m, group_len, groups, 8) &&
-      cpu::cpu_supports(Isa::kAvx2))
-    isa = Isa::kAvx2;
+  const Isa isa = pick_isa();
   const int width = isa == Isa::kAvx512 ? 16 : 8;  // the portable kernel is 8 wide too
   const bool dot = cpu::int4_use_dot(m, group_len, groups, width);
   const auto x32 = x.to(at::kFloat).contiguous();

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "fourbit/cpu_widen.h"
+#include "fourbit/int4_cpu_avx2.h"
 #include "fourbit/int4_cpu_kernel.h"
 #include "fourbit/int4_cpu_transpose8.h"
 
@@ -16,6 +17,7 @@ namespace {
 
 struct Avx512 {
   static constexpr int W = 16;
+  using Half = Avx2;  // the 8-word block after the last full register (int4_cpu.h)
   using vec = __m512;
   using ivec = __m512i;
   static vec zero() { return _mm512_setzero_ps(); }

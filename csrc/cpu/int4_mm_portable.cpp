@@ -11,6 +11,7 @@ namespace {
 // target.
 struct Portable {
   static constexpr int W = 8;
+  using Half = void;
   struct vec {
     float v[W];
   };
@@ -111,7 +112,14 @@ void int4_prepare_activations(const float* x, int64_t m, int64_t k, int64_t k_pa
           const int64_t col = b * block_cols + 8 * l + i;
           out[b * block_cols + i * width + l] = col < k ? xr[col] : 0.f;
         }
-    for (int64_t col = full_blocks * block_cols; col < k_padded; ++col) out[col] = col < k ? xr[col] : 0.f;
+    // The half-width block (int4_cpu.h): 8 words in the layout of width 8.
+    const int64_t half = full_blocks * block_cols, half_words = int4_half_block_words(width, k_padded / 8);
+    for (int64_t i = 0; i < 8 && half_words > 0; ++i)
+      for (int64_t l = 0; l < half_words; ++l) {
+        const int64_t col = half + 8 * l + i;
+        out[half + i * half_words + l] = col < k ? xr[col] : 0.f;
+      }
+    for (int64_t col = half + 8 * half_words; col < k_padded; ++col) out[col] = col < k ? xr[col] : 0.f;
   }
 }
 

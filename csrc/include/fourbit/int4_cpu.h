@@ -27,9 +27,11 @@
 //    word l holds columns 8 l .. 8 l + 7. Shifting the whole register right by 4 i and
 //    masking yields nibble i of every word, i.e. columns {8 l + i : l < W}. The activations
 //    are therefore permuted once per call so that those W columns lie next to each other:
-//        xp[8 W b + W i + l] = x[8 W b + 8 l + i]   for every full block b of 8 W columns;
-//    columns past the last full block (fewer than W words) stay in natural order and are
-//    handled one word at a time.
+//        xp[8 W b + W i + l] = x[8 W b + 8 l + i]   for every full block b of 8 W columns.
+//    On AVX-512, 8 or more words past the last full register make one half-width block of
+//    8 words, laid out and computed as at W = 8 (int4_half_block_words: SmolLM2's K = 576 is
+//    4 registers and a half). Columns past that stay in natural order and are handled one
+//    word at a time.
 //
 // 2. Blocked GEMM (more rows of x). Compute-bound on the multiply-adds, so the goal is the
 //    fp32 GEMM rate: a panel of 2 W weight rows x KC columns is dequantized once into L1
@@ -101,6 +103,12 @@ static inline int64_t int4_panel_cols(int width) { return 2048 / width; }
 // Floats of per-thread scratch: one panel, plus one word (8 columns) of slack because the
 // last word of a panel is dequantized whole even where K ends inside it.
 static inline int64_t int4_scratch_floats(int width) { return (int4_panel_cols(width) + 8) * 2 * width; }
+
+// Words of the half-width block after the full registers of a row at vector width `width`
+// (the layout above): 8 where AVX-512 leaves 8 or more words past its last register, else 0.
+static inline int64_t int4_half_block_words(int width, int64_t words_per_row) {
+  return width == 16 && words_per_row % 16 >= 8 ? 8 : 0;
+}
 
 // Floats of per-thread scratch of the dot-product schedule: one pass of weight rows' scales
 // and offsets widened to fp32.

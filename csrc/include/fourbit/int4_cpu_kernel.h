@@ -1,5 +1,6 @@
 // The CPU int4 matmul kernel body, written once against a SIMD traits type V:
 //   V::W                  int32 words (= floats) per register
+//   V::Half               traits of the half-width block (int4_cpu.h), or void
 //   V::vec / V::ivec      float / int32 registers
 //   zero(), load(p), add(a, b), fma(a, b, c) = a * b + c, broadcast(s), hsum(v)
 //   load_words(p)         W words of a weight row
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "fourbit/cpu_prefetch.h"
 #include "fourbit/int4_cpu.h"
@@ -119,21 +121,61 @@ inline void int4_row(const Int4MatmulArgs& a, const float* scales, const float* 
     }
   }
 
+  // The half-width block (AVX-512: 8 words on the AVX2 traits), summed on its own. It covers
+  // two groups of 32 columns (lanes 0-3 and 4-7), or lies inside one group.
+  const int64_t half_begin = full_blocks * W;
+  float half_sum[MR][NR] = {};
+  if constexpr (!std::is_void_v<typename V::Half>) {
+    using H = typename V::Half;
+    if (int4_half_block_words(W, words_per_row) == H::W) {
+      const int64_t col0 = 8 * half_begin;
+      typename H::ivec words[NR];
+      typename H::vec s[NR], m[NR], acc_h[MR][NR][2];
+      for (int c = 0; c < NR; ++c) {
+        words[c] = H::load_words(a.qweight + (n0 + c) * words_per_row + half_begin);
+        const float* s_row = scales + c * a.groups;
+        const float* m_row = offsets + c * a.groups;
+        if (a.group_len == 32) {
+          s[c] = H::lane_scales(s_row + col0 / 32, 2);
+          m[c] = H::lane_scales(m_row + col0 / 32, 2);
+        } else {
+          s[c] = H::broadcast(s_row[col0 / a.group_len]);
+          m[c] = H::broadcast(m_row[col0 / a.group_len]);
+        }
+        for (int r = 0; r < MR; ++r) acc_h[r][c][0] = acc_h[r][c][1] = H::zero();
+      }
+      const float* xb = a.xp + m0 * a.k_padded + col0;
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        typename H::vec x[MR];
+        for (int r = 0; r < MR; ++r) x[r] = H::load(xb + r * a.k_padded + i * H::W);
+        for (int c = 0; c < NR; ++c) {
+          const typename H::vec w = H::fma(H::nibble(words[c], i), s[c], m[c]);
+          for (int r = 0; r < MR; ++r) acc_h[r][c][i % 2] = H::fma(x[r], w, acc_h[r][c][i % 2]);
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < NR; ++c) half_sum[r][c] = H::hsum(H::add(acc_h[r][c][0], acc_h[r][c][1]));
+    }
+  }
+  const int64_t tail_begin = half_begin + int4_half_block_words(W, words_per_row);
+
   for (int c = 0; c < NR; ++c) {
     const int64_t n = n0 + c;
     const int32_t* words_row = a.qweight + n * words_per_row;
     const float* s_row = scales + c * a.groups;
     const float* m_row = offsets + c * a.groups;
     for (int r = 0; r < MR; ++r) {
-      // Words past the last full register, in natural column order, one word at a time.
+      // Words past the last full register (and half block), in natural column order, one
+      // word at a time.
       const float* xr = a.xp + (m0 + r) * a.k_padded;
       float tail = 0.f;
-      for (int64_t j = full_blocks * W; j < words_per_row; ++j) {
+      for (int64_t j = tail_begin; j < words_per_row; ++j) {
         const uint32_t word = static_cast<uint32_t>(words_row[j]);
         const float s = s_row[j * 8 / a.group_len], m = m_row[j * 8 / a.group_len];
         for (int i = 0; i < 8; ++i) tail += xr[j * 8 + i] * (static_cast<float>((word >> (4 * i)) & 0xF) * s + m);
       }
-      a.out[(m0 + r) * a.n + n] = V::hsum(total[r][c]) + tail + (a.bias ? a.bias[n] : 0.f);
+      a.out[(m0 + r) * a.n + n] = V::hsum(total[r][c]) + half_sum[r][c] + tail + (a.bias ? a.bias[n] : 0.f);
     }
   }
 }

@@ -38,12 +38,14 @@ struct Avx512 {
   static group_t group(float s, float m) { return _mm512_fmadd_ps(iota(), _mm512_set1_ps(s), _mm512_set1_ps(m)); }
   static vec weights(ivec w, int i, group_t table) { return _mm512_permutexvar_ps(shifted(w, i), table); }
   // `per` (2 or 4) groups in a 128-column register: quarter q of the lanes (4 words,
-  // 32 columns) belongs to group q * per / 4.
+  // 32 columns) belongs to group q * per / 4. One load of the `per` scales and one vpermps
+  // spread them (four broadcasts and three inserts took three more shuffle-port operations
+  // per register and row, next to the 8 of the nibble lookups).
   static vec lane_scales(const float* p, int per) {
-    vec v = _mm512_set1_ps(p[0]);
-    v = _mm512_insertf32x4(v, _mm_set1_ps(p[1 * per / 4]), 1);
-    v = _mm512_insertf32x4(v, _mm_set1_ps(p[2 * per / 4]), 2);
-    return _mm512_insertf32x4(v, _mm_set1_ps(p[3 * per / 4]), 3);
+    const __m128 loaded = per == 4 ? _mm_loadu_ps(p) : _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m512i lanes = per == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                   : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(loaded));
   }
   static ivec row_offsets(int first, int64_t last, int64_t stride) {
     const __m512i rows = _mm512_add_epi32(_mm512_set1_epi32(first),

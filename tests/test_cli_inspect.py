@@ -22,13 +22,14 @@ def float_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     """Layer 0 all Q4_0 (symmetric: exports exactly); layer 1's q Q4_1 (k and v F32: the fused
-    qkv is float) and down Q4_1 (a float minimum: int4, not exportable exactly)."""
+    qkv is float), o Q8_0 (read as float: only embeddings and heads load as int8) and down Q4_1
+    (a float minimum: int4, not exportable exactly); the embedding Q8_0."""
     from test_loader import write_tiny_gguf
     path = tmp_path_factory.mktemp("gguf") / "m.gguf"
     types = {f"blk.0.{t}.weight": "Q4_0" for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
                                                    "ffn_up", "ffn_down")}
     types["blk.1.attn_q.weight"] = types["blk.1.ffn_down.weight"] = "Q4_1"
-    types["token_embd.weight"] = "Q8_0"
+    types["token_embd.weight"] = types["blk.1.attn_output.weight"] = "Q8_0"  # int8 as the embedding, float as o
     write_tiny_gguf(path, types=types)
     return path
 
@@ -48,7 +49,7 @@ def test_inspect_embedded_gguf(capsys):
     out = run(capsys, "inspect", "smollm2-135m")
     assert "format: GGUF v3 (llama)" in out and "Q4_1 x210" in out and "Q8_0 x1" in out
     assert "layers 0-29: q,k,v,o,gate,up,down Q4_1 int4 g32 asym\n" in out
-    assert "embed Q8_0 (float); norm F32 (float); lm_head tied to the embedding" in out
+    assert "embed Q8_0 (int8 g32); norm F32 (float); lm_head tied to the embedding" in out
     assert "layers 0-29: qkv,o,gate_up,down Int4Linear g32\n" in out
     assert "lm_head Int8Linear g32 (tied: the embedding reads its int8 rows); the embedding int8, the norms float" \
         in out
@@ -58,7 +59,8 @@ def test_inspect_embedded_gguf(capsys):
 def test_inspect_gguf_with_mixed_types_says_which_parts_stay_apart(tiny_gguf, capsys):
     out = run(capsys, "inspect", str(tiny_gguf))
     assert "layer 0: q,k,v,o,gate,up,down Q4_0 int4 g32 sym\n" in out
-    assert "layer 1: q,down Q4_1 int4 g32 asym; k,v,o,gate,up F32 (float)\n" in out
+    assert "layer 1: q,down Q4_1 int4 g32 asym; k,v,gate,up F32 (float); o Q8_0 (float)\n" in out
+    assert "embed Q8_0 (int8 g32); norm F32 (float)" in out
     assert "layer 1: qkv ConcatLinear(Int4Linear g32, nn.Linear, nn.Linear); o,gate_up nn.Linear; down Int4Linear " \
         "g32\n" in out
     model = fourbit.load_model(tiny_gguf, device="cpu")  # and the loader does what inspect says

@@ -206,14 +206,15 @@ GGUF_INT4 = {"Q4_0": (32, True), "Q4_1": (32, False), "Q4_K": (32, False)}  # gr
 
 class Entry:
     """One tensor as stored: its type label, and (group_size, symmetric, act_order, perm key)
-    when fourbit reads it as int4."""
+    when fourbit reads it as int4; read_as says how fourbit reads any other (float unless
+    told: a GGUF's Q8_0 embedding or head is "int8 g32")."""
 
-    def __init__(self, label: str, int4: tuple | None = None):
-        self.label, self.int4 = label, int4
+    def __init__(self, label: str, int4: tuple | None = None, read_as: str = "float"):
+        self.label, self.int4, self.read_as = label, int4, read_as
 
     def text(self) -> str:
         if self.int4 is None:
-            return f"{self.label} (float)"
+            return f"{self.label} ({self.read_as})"
         group, symmetric, act_order = self.int4[:3]
         kind = f"int4 g{group} {'sym' if symmetric else 'asym'}" + (" act-order" if act_order else "")
         return kind if self.label == "int4" else f"{self.label} {kind}"
@@ -247,15 +248,17 @@ def _describe_gguf(path: Path):
     header = [f"format: GGUF v{version} ({file.metadata.get('general.architecture')}), {len(file.tensors)} tensors: "
               + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda item: -item[1]))]
 
-    def entry(name):
+    def entry(name, int8: bool = False):
         tensor = file.tensors.get(name)
         if tensor is None:
             return None
         int4 = GGUF_INT4.get(tensor.type_name)
-        return Entry(tensor.type_name, None if int4 is None else (*int4, False, None))
+        if int4 is None:  # the loader reads Q8_0 embeddings and heads as int8 (models/gguf.py), the rest as float
+            return Entry(tensor.type_name, read_as="int8 g32" if int8 and tensor.type_name == "Q8_0" else "float")
+        return Entry(tensor.type_name, (*int4, False, None))
     names = GGUFCheckpoint._LAYER_NAMES
     layers = [{role: entry(f"blk.{i}.{names[role]}") for role in LAYER_ROLES} for i in range(config.num_layers)]
-    ends = {role: entry(name) for role, name in GGUFCheckpoint._MODEL_NAMES.items()}
+    ends = {role: entry(name, role in GGUFCheckpoint.INT8_ROLES) for role, name in GGUFCheckpoint._MODEL_NAMES.items()}
     notes = [f"{kind}: group size {g}, {'symmetric (m = -8 d)' if sym else 'float minimum (w = q d + m)'}"
              for kind, (g, sym) in GGUF_INT4.items() if kind in counts]
     return config, header + notes, layers, ends

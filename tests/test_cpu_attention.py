@@ -36,7 +36,7 @@ def test_dtypes(dtype, kind, isa):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("group", [1, 3, 8], ids=lambda g: f"gqa{g}")
+@pytest.mark.parametrize("group", [1, 3, 5, 8], ids=lambda g: f"gqa{g}")
 def test_gqa(group, kind, isa):
     KINDS[kind]("cpu", "cpu", heads=2 * group, kv_heads=2, dtype=torch.bfloat16)
 

@@ -92,9 +92,10 @@ struct Avx512 {
 // `group` rows per kv head (1 for MHA), and then the transpose (some 80 shuffles per 16 x 16,
 // all on one port) costs more than the dot products it feeds. Decode instead:
 //   - takes a kv head's 16 keys of one page run, forms 16 partial-sum vectors q . k_n (two
-//     FMAs per 32 dims per key, K rows read as they lie), and folds them into one vector of
-//     16 scores with a 4-level transpose-and-add (30 shuffles + 15 adds per 16 keys and row,
-//     against 128 FMAs of the dot products at D = 128);
+//     FMAs per 32 dims per key, K rows read as they lie, each chunk loaded once for up to 4
+//     query rows of the GQA group), and folds them into one vector of 16 scores with a
+//     4-level transpose-and-add (30 shuffles + 15 adds per 16 keys and row, against 128 FMAs
+//     of the dot products at D = 128);
 //   - walks the keys page run by page run (up to 16 keys inside one page) and, inside a run,
 //     every kv head of the block: a page's rows [block_size][Hkv][D] are then read front to
 //     back, so the sequence streams through memory as SDPA's contiguous K/V does. One head at
@@ -148,20 +149,29 @@ static inline __m512 reduce16(const __m512* acc) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
 }
 
-// Scores of one query row (fp32, kernel order, scaled) against 16 key rows.
-template <class T>
-static inline __m512 scores16(const float* q, const T* const* k, int64_t d) {
-  __m512 acc[16];
-  for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < d; c += 32) {
-    const __m512 q0 = _mm512_loadu_ps(q + c), q1 = _mm512_loadu_ps(q + c + 16);
-    for (int n = 0; n < 16; ++n) {
-      __m512 lo, hi;
-      load32(k[n] + c, lo, hi);
-      acc[n] = _mm512_fmadd_ps(q1, hi, _mm512_fmadd_ps(q0, lo, acc[n]));
+// Scores of RB query rows (fp32, kernel order, scaled; row r at q + r * d) against 16 key
+// rows: s[r] lane n = q_r . k_n. Keys go four at a time, each 32-dim chunk of a key loaded
+// (and for bf16 split) once for the RB rows of a GQA group rather than once per row; 4 RB
+// partial-sum vectors (at most 16) plus the 8 of the keys' chunk fit the 32 registers.
+template <int RB, class T>
+static inline void scores16(const float* q, int64_t d, const T* const* k, __m512* s) {
+  __m512 part[RB][16];
+  for (int n0 = 0; n0 < 16; n0 += 4) {
+    __m512 acc[RB][4];
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 32) {
+      __m512 lo[4], hi[4];
+      for (int j = 0; j < 4; ++j) load32(k[n0 + j] + c, lo[j], hi[j]);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 q0 = _mm512_loadu_ps(q + r * d + c), q1 = _mm512_loadu_ps(q + r * d + c + 16);
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(q1, hi[j], _mm512_fmadd_ps(q0, lo[j], acc[r][j]));
+      }
     }
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < 4; ++j) part[r][n0 + j] = acc[r][j];
   }
-  return reduce16(acc);
+  for (int r = 0; r < RB; ++r) s[r] = reduce16(part[r]);
 }
 
 // O[r][c0 : c0 + 32 CP] = alpha[r] O[r] + sum_{n < count} P[r][n] V[n] for RB rows: each V
@@ -260,20 +270,27 @@ static void decode_block(const PagedAttentionArgs& a, const AttentionBlock& blk,
         vrow[n] = n < count ? v_cache + off + h * d + n * row_stride : zero_t;
       }
       const int64_t r0 = h * group;
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t r = r0 + g;
-        const __m512 s = Avx512::keep_first(scores16(q + r * d, krow, d), count, neg_inf);
-        // Online softmax in base 2, as the tile path: a row that has seen no finite score
-        // keeps m = -inf and subtracts 0, so 2^(-inf) = 0 rather than NaN.
-        const float m_old = m[r];
-        const float m_new = std::max(m_old, _mm512_reduce_max_ps(s));
-        const float m_safe = m_new == neg_inf ? 0.0f : m_new;
-        const __m512 pr = Avx512::keep_first(Avx512::exp2(_mm512_sub_ps(s, _mm512_set1_ps(m_safe))), count, 0.0f);
-        const float al = std::exp2(m_old - m_safe);
-        l[r] = l[r] * al + _mm512_reduce_add_ps(pr);
-        alpha[r] = al;
-        m[r] = m_new;
-        _mm512_storeu_ps(p + r * 16, pr);
+      for (int64_t r1 = r0; r1 < r0 + group; r1 += 4) {
+        const int rb = static_cast<int>(std::min<int64_t>(4, r0 + group - r1));
+        __m512 sv[4];
+        with_rows<4>(rb, [&](auto k) {
+          scores16<decltype(k)::value>(q + r1 * d, d, static_cast<const T* const*>(krow), sv);
+        });
+        for (int j = 0; j < rb; ++j) {
+          const int64_t r = r1 + j;
+          const __m512 s = Avx512::keep_first(sv[j], count, neg_inf);
+          // Online softmax in base 2, as the tile path: a row that has seen no finite score
+          // keeps m = -inf and subtracts 0, so 2^(-inf) = 0 rather than NaN.
+          const float m_old = m[r];
+          const float m_new = std::max(m_old, _mm512_reduce_max_ps(s));
+          const float m_safe = m_new == neg_inf ? 0.0f : m_new;
+          const __m512 pr = Avx512::keep_first(Avx512::exp2(_mm512_sub_ps(s, _mm512_set1_ps(m_safe))), count, 0.0f);
+          const float al = std::exp2(m_old - m_safe);
+          l[r] = l[r] * al + _mm512_reduce_add_ps(pr);
+          alpha[r] = al;
+          m[r] = m_new;
+          _mm512_storeu_ps(p + r * 16, pr);
+        }
       }
       for (int64_t r = r0; r < r0 + group; r += 4) {
         const int rb = static_cast<int>(std::min<int64_t>(4, r0 + group - r));

@@ -248,17 +248,18 @@ def _describe_gguf(path: Path):
     header = [f"format: GGUF v{version} ({file.metadata.get('general.architecture')}), {len(file.tensors)} tensors: "
               + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda item: -item[1]))]
 
-    def entry(name, int8: bool = False):
+    def entry(name, role):
         tensor = file.tensors.get(name)
         if tensor is None:
             return None
         int4 = GGUF_INT4.get(tensor.type_name)
-        if int4 is None:  # the loader reads Q8_0 embeddings and heads as int8 (models/gguf.py), the rest as float
-            return Entry(tensor.type_name, read_as="int8 g32" if int8 and tensor.type_name == "Q8_0" else "float")
+        if int4 is None:  # as the loader reads it: int8 (a Q8_0 embedding or head) or float
+            return Entry(tensor.type_name,
+                         read_as="int8 g32" if GGUFCheckpoint.reads_as_int8(role, tensor.type_name) else "float")
         return Entry(tensor.type_name, (*int4, False, None))
     names = GGUFCheckpoint._LAYER_NAMES
-    layers = [{role: entry(f"blk.{i}.{names[role]}") for role in LAYER_ROLES} for i in range(config.num_layers)]
-    ends = {role: entry(name, role in GGUFCheckpoint.INT8_ROLES) for role, name in GGUFCheckpoint._MODEL_NAMES.items()}
+    layers = [{role: entry(f"blk.{i}.{names[role]}", role) for role in LAYER_ROLES} for i in range(config.num_layers)]
+    ends = {role: entry(name, role) for role, name in GGUFCheckpoint._MODEL_NAMES.items()}
     notes = [f"{kind}: group size {g}, {'symmetric (m = -8 d)' if sym else 'float minimum (w = q d + m)'}"
              for kind, (g, sym) in GGUF_INT4.items() if kind in counts]
     return config, header + notes, layers, ends

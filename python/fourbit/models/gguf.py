@@ -203,10 +203,15 @@ class GGUFCheckpoint:
         """The file's name of the tensor of `role` in layer `layer` (None: the model's ends)."""
         return self._MODEL_NAMES[role] if layer is None else f"blk.{layer}.{self._LAYER_NAMES[role]}"
 
+    @classmethod
+    def reads_as_int8(cls, role: str, type_name: str) -> bool:
+        """Whether a tensor of `role` (a model end or a layer part) stored as `type_name` is
+        read as an Int8Weight when int8 is on (`fourbit inspect` says the same)."""
+        return role in cls.INT8_ROLES and type_name == "Q8_0"
+
     def model_tensor(self, role: str):
         name = self.tensor_name(role)
-        if self.int8 and role in self.INT8_ROLES and name in self._tensors and \
-                self._tensors[name].type_name == "Q8_0":
+        if self.int8 and name in self._tensors and self.reads_as_int8(role, self._tensors[name].type_name):
             return _q8_0_weight(self._tensors[name])
         return self._get(name)
 

@@ -51,8 +51,9 @@ if DEVICE.type == "cuda":
                  "fourbit-triton-gemm", "fourbit-triton-dense"]
 else:
     # fourbit-cpu-a8: the W4A8 kernel (x quantized to int8 per 32 columns; other numerics,
-    # never "auto"), beside the W4A16 one.
-    PROVIDERS = ["torch", "tinygemm", "tinygemm-fp32", "fourbit-cpu", "fourbit-cpu-a8"]
+    # never "auto"), beside the W4A16 one; fourbit-cpu-int: the same kernel on fixed-point x
+    # (24-bit for fp32, 16-bit for bf16), what "auto" runs for a few rows.
+    PROVIDERS = ["torch", "tinygemm", "tinygemm-fp32", "fourbit-cpu", "fourbit-cpu-a8", "fourbit-cpu-int"]
 
 
 def fourbit_backend(provider: str) -> tuple[str, str]:

@@ -27,9 +27,12 @@ const char* int4_mm_cpu_isa();
 // int4 weight, int8 activations on the CPU (csrc/cpu/int4_a8_mm.cpp, W4A8): x quantized per
 // block of 32 columns to int8 (scale max|x| / 127), integer dot products with the nibbles,
 // the offsets against fp32 sums of x (include/fourbit/int4_a8_cpu.h). Inputs as int4_mm_cpu;
-// group_len 32, 64, a multiple of 128, or K_padded. Returns [M, N] in x's dtype.
+// group_len 32, 64, a multiple of 128, or K_padded. digits 1: int8 activations ("cpu-a8");
+// 2 / 3: that many int8 digits per activation, 16- / 24-bit fixed point; 0: 3 for fp32 x, else
+// 2 ("cpu-int", reference.fixed_point_digits). Returns [M, N] in x's dtype.
 at::Tensor int4_a8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                          const at::Tensor& offsets, int64_t group_len, const std::optional<at::Tensor>& bias);
+                          const at::Tensor& offsets, int64_t group_len, const std::optional<at::Tensor>& bias,
+                          int64_t digits);
 // The instruction set of the W4A8 kernel: "avx512-vnni", "avx2" or "portable".
 const char* int4_a8_mm_cpu_isa();
 

@@ -53,8 +53,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm_cpu_isa", &fourbit::int4_mm_cpu_isa,
         "vector instruction set of the CPU kernel on this machine");
   m.def("int4_a8_mm_cpu", &fourbit::int4_a8_mm_cpu,
-        "int4 weight, int8 activations (W4A8) matmul, C++ CPU kernel", py::arg("x"), py::arg("qweight"),
-        py::arg("scales"), py::arg("offsets"), py::arg("group_len"), py::arg("bias") = py::none());
+        "int4 weight, int8 activations (W4A8; digits 2 / 3: 16- / 24-bit activations, 0: by x's dtype) matmul, "
+        "C++ CPU kernel", py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("group_len"),
+        py::arg("bias") = py::none(), py::arg("digits") = 1);
   m.def("int4_a8_mm_cpu_isa", &fourbit::int4_a8_mm_cpu_isa, "vector instruction set of the W4A8 CPU kernel");
   m.def("paged_attention_cpu", &fourbit::paged_attention_cpu, "paged decode attention, C++ CPU kernel",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),

@@ -1,6 +1,7 @@
-"""The CPU int4 paths "auto" picks (dispatch.cpu_int4_path): the C++ kernel, and for bf16
-from CPU_DENSE_MIN_M rows the dense path (dequantize for the call, torch's matmul); the
-dense path computes the op (against the fp32 reference) and "auto" really runs it."""
+"""The CPU int4 paths "auto" picks: up to CPU_INT_MAX_M rows the fixed-point kernel
+("cpu-int") where it takes the group length, else the W4A16 C++ kernel (dispatch.cpu_int4_path),
+and for bf16 from CPU_DENSE_MIN_M rows the dense path (dequantize for the call, torch's
+matmul); the dense path computes the op (against the fp32 reference) and "auto" really runs it."""
 
 import pytest
 import torch
@@ -19,12 +20,25 @@ def test_auto_picks_dense_only_for_bf16_at_large_m():
     dense_from = dispatch.CPU_DENSE_MIN_M[torch.bfloat16]
     assert dispatch.choose_int4_kernel(CPU, torch.bfloat16, dense_from, 4096, 4096) == \
         dispatch.Int4Kernel("cpu", "dense")
-    for m in (1, 4, 16, 64, 512, dense_from - 1):
+    for m in (dispatch.CPU_INT_MAX_M[torch.bfloat16] + 1, 16, 64, 512, dense_from - 1):
         assert dispatch.choose_int4_kernel(CPU, torch.bfloat16, m, 4096, 4096) == dispatch.Int4Kernel("cpu", "kernel")
     for dtype in (torch.float32, torch.float16):
-        for m in (1, 64, dense_from, 8 * dense_from):
+        for m in (dispatch.CPU_INT_MAX_M[dtype] + 1, 64, dense_from, 8 * dense_from):
             assert dispatch.choose_int4_kernel(CPU, dtype, m, 4096, 4096).path == "kernel"
     assert dispatch.choose_backend(CPU, torch.bfloat16, dense_from, 4096, 4096) == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_auto_picks_the_fixed_point_kernel_for_few_rows(dtype):
+    """Up to CPU_INT_MAX_M[dtype] rows "cpu-int", for every group length it takes (any of
+    format.GROUP_SIZES, or unknown: None); a group length it refuses keeps the W4A16 kernel."""
+    if "cpu-int" not in fourbit.available_backends("cpu"):
+        pytest.skip("fourbit._C has no int4_a8_mm_cpu")
+    for m in (1, dispatch.CPU_INT_MAX_M[dtype]):
+        for group_len in (None, 32, 64, 128, 256, 4096):
+            assert dispatch.choose_int4_kernel(CPU, dtype, m, 4096, 4096, group_len) == dispatch.Int4Kernel("cpu-int")
+        assert dispatch.choose_backend(CPU, dtype, m, 192, 192, 96) == "cpu"  # two groups of 96
+    assert dispatch.choose_backend(CPU, dtype, dispatch.CPU_INT_MAX_M[dtype] + 1, 4096, 4096) == "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])

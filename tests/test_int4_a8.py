@@ -1,8 +1,9 @@
 """The "cpu-a8" backend of int4_mm (W4A8: the int4 weight against activations quantized to
-int8 per block of 32 columns): its spec (reference.int4_mm_a8) against plain arithmetic and the
-rounding bound it promises, the C++ kernel on every instruction set this CPU has against that
-spec, its error against the W4A16 result, non-finite inputs, Int4Linear / torch.compile, and
-bad input."""
+int8 per block of 32 columns) and "cpu-int" (the same kernel on fixed-point activations, two
+or three int8 digits each by x's dtype): their spec (reference.int4_mm_a8, digits 1 / 2 / 3)
+against plain arithmetic and the rounding bound it promises, the C++ kernel on every instruction set this
+CPU has against that spec, its error against the W4A16 result, non-finite inputs, Int4Linear /
+torch.compile, and bad input."""
 
 import os
 
@@ -38,18 +39,31 @@ def _isas() -> list[str]:
 
 
 ISAS = _isas()
+BACKENDS = ("cpu-a8", "cpu-int")
 
 
-def a8_bound(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """[M, N]: the most W4A8 may differ from x @ dense.T: each x within d / 2 of xq d (round to
-    nearest, d = max|x| / 127 per block of 32), times |scale q| summed; computed here from x
-    and the fp64 dense weight, not from the spec. dense = q s + m, so |w - m| = |q s|."""
+def digits_of(backend: str, dtype: torch.dtype) -> int:
+    """int8 digits per activation: 1 for "cpu-a8"; for "cpu-int" 3 (24-bit) on fp32 x, else 2."""
+    return 1 if backend == "cpu-a8" else 3 if dtype == torch.float32 else 2
+
+
+def half_step(x: torch.Tensor, digits: int = 1) -> torch.Tensor:
+    """[M, K] fp64: how far each x may be from xq d: half of d = max|x| / 127 per block of 32
+    (round to nearest), for more digits half of d / 256^(digits - 1), plus for those the fp32
+    rounding of t = x / d (an ulp of 127, 2^-17 d); computed here from x, not from the spec."""
     m, k = x.shape
     k32 = -(-k // 32) * 32
     xp = torch.zeros(m, k32, dtype=torch.float64)
     xp[:, :k] = x.double()
-    half_step = (xp.view(m, -1, 32).abs().amax(-1) / 127 / 2).repeat_interleave(32, 1)[:, :k]
-    return half_step @ dense.abs().T
+    d = (xp.view(m, -1, 32).abs().amax(-1) / 127).repeat_interleave(32, 1)[:, :k]
+    return d / 2 if digits == 1 else d * (0.5 / 256 ** (digits - 1) + 2.0**-17)
+
+
+def a8_bound(x: torch.Tensor, dense: torch.Tensor, digits: int = 1) -> torch.Tensor:
+    """[M, N]: the most W4A8 (more digits: fixed point) may differ from x @ dense.T: each x within
+    half_step of xq d, times |scale q| summed; computed here from x and the fp64 dense weight,
+    not from the spec. dense = q s + m, so |w - m| = |q s|."""
+    return half_step(x, digits) @ dense.abs().T
 
 
 def offsets_of(weight) -> torch.Tensor:
@@ -77,23 +91,51 @@ def test_activation_quantization_is_absmax_per_block():
     assert (err <= d.repeat_interleave(32, 1) / 2 * (1 + 1e-6)).all()
 
 
+@pytest.mark.parametrize("digits", [2, 3])
+def test_fixed_point_quantization_is_the_int8_one_refined(digits):
+    """digits 2 / 3: xq = round(unit x / d) with the one-digit d and unit = 256^(digits - 1),
+    scale d / unit; x within half_step of xq d, far closer than one digit gets."""
+    x = torch.randn(4, 200) * torch.tensor([1.0, 30.0, 1e-3, 1e4]).unsqueeze(1)
+    x[3, :32] = 0
+    x[3, 5] = 1e6  # one large value in a block: the others keep 16 / 24 bits of its scale
+    unit = 256 ** (digits - 1)
+    one, d1 = reference.quantize_activations_int8(x)
+    fine, d = reference.quantize_activations_int8(x, digits=digits)
+    assert fine.dtype == (torch.int16 if digits == 2 else torch.int32) and fine.shape == one.shape
+    torch.testing.assert_close(d, d1 / unit, rtol=0, atol=0)
+    assert fine.abs().max() == 127 * unit and ((fine.long() - unit * one.long()).abs() <= unit // 2).all()
+    blocks = torch.zeros(4, 224)
+    blocks[:, :200] = x
+    err = (fine.double() * d.double().repeat_interleave(32, 1) - blocks.double()).abs()[:, :200]
+    err1 = (one.double() * d1.double().repeat_interleave(32, 1) - blocks.double()).abs()[:, :200]
+    assert (err <= half_step(x, digits)).all()
+    assert err.max() < err1.max() / 100
+    with pytest.raises(ValueError, match="digits must be 1, 2 or 3"):
+        reference.quantize_activations_int8(x, digits=4)
+    assert [reference.fixed_point_digits(t) for t in (torch.float32, torch.bfloat16, torch.float16)] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("digits", [1, 2, 3])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
-def test_spec_is_the_quantized_product_within_its_rounding_bound(group_size, symmetric):
+def test_spec_is_the_quantized_product_within_its_rounding_bound(group_size, symmetric, digits):
     """reference.int4_mm_a8 against plain arithmetic: (xq d) @ (w - m).T + x @ m.T, and within
     a8_bound of the exact x @ w.T; its offset term is exact (a weight of offsets only gives the
     W4A16 result)."""
     n, k = 40, 300
     weight, dense = random_int4_weight(n, k, group_size, symmetric, torch.float32)
     x = torch.randn(5, k)
-    out = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len).double()
-    xq, d = reference.quantize_activations_int8(x)
+    out = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len,
+                               digits=digits).double()
+    xq, d = reference.quantize_activations_int8(x, digits)
     xd = (xq.double() * d.double().repeat_interleave(32, 1))[:, :k]
     o = offsets_of(weight)
     torch.testing.assert_close(out, xd @ (dense - o).T + x.double() @ o.T, rtol=1e-6, atol=1e-5)
     exact = x.double() @ dense.T
-    assert ((out - exact).abs() <= a8_bound(x, dense) + 1e-4).all()
-    assert (out - exact).abs().max() > 1e-4  # it does quantize x
+    slack = 1e-4 if digits == 1 else 2e-6  # + the fp32 rounding of out
+    assert ((out - exact).abs() <= a8_bound(x, dense, digits) + slack).all()
+    if digits < 3:  # (24-bit x: its error is that of out's fp32 rounding)
+        assert (out - exact).abs().max() > slack  # it does quantize x
 
 
 # ---- the kernel against the spec ----
@@ -108,32 +150,36 @@ CASES = [(1, 64, 576, 32), (2, 37, 576, 64), (3, 50, 1000, 128), (4, 33, 1024, 2
 
 
 @needs_kernel
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"M{m}-N{n}-K{k}-g{g}" for m, n, k, g in CASES])
-def test_kernel_matches_spec(case, dtype, isa, monkeypatch):
+def test_kernel_matches_spec(case, dtype, isa, backend, monkeypatch):
     monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
     m, n, k, group_size = case
+    digits = digits_of(backend, dtype)
     weight, dense = random_int4_weight(n, k, group_size, False, dtype)
     x = (torch.randn(m, k) * torch.rand(1, k) * 4).to(dtype)  # columns of unequal size, as in a model
     bias = torch.randn(n).to(dtype)
-    out = fourbit.int4_linear(x, weight, bias, backend="cpu-a8")
+    out = fourbit.int4_linear(x, weight, bias, backend=backend)
     assert out.dtype == dtype and out.shape == (m, n)
-    want = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len, bias)
+    want = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len, bias, digits)
     # Both are the same sums in another order: fp32 rounding of terms bounded by |x| |w|, plus
     # the output dtype's rounding.
     scale = x.double().abs() @ dense.abs().T + bias.double().abs()
     eps = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     assert ((out.double() - want.double()).abs() <= eps * scale + 1e-5).all()
     exact = x.double() @ dense.T + bias.double()
-    assert ((out.double() - exact).abs() <= a8_bound(x, dense) + eps * scale + 1e-4).all()
+    assert ((out.double() - exact).abs() <= a8_bound(x, dense, digits) + eps * scale + 1e-4).all()
 
 
 @needs_kernel
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("isa", ISAS)
-def test_kernel_quantizes_x_as_the_spec_does(isa, monkeypatch):
+def test_kernel_quantizes_x_as_the_spec_does(isa, backend, monkeypatch):
     """A one-hot weight (q = identity, s = 1, m = 0) reads back xq * d column by column: the
-    kernel's int8 x equals the spec's exactly, ties to even included, at decode and prefill M."""
+    kernel's quantized x equals the spec's exactly (both digits), ties to even included, at
+    decode and prefill M."""
     monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
     k = 576
     qweight = fourbit.format.pack_int4(torch.eye(k, dtype=torch.int32))
@@ -141,53 +187,63 @@ def test_kernel_quantizes_x_as_the_spec_does(isa, monkeypatch):
     for m in (1, 2048):
         x = torch.randn(m, k) * torch.rand(1, k) * 8
         x[0, :32] = torch.arange(32) - 15.5  # max 15.5: 127 / 15.5 * (j - 15.5) hits halves
-        out = torch.ops.fourbit.int4_mm(x, qweight, ones, zeros, 32, None, "cpu-a8")
-        xq, d = reference.quantize_activations_int8(x)
+        x[0, 32:64] = (torch.arange(32) - 15.5) * (1 + 1 / 64)  # and lower digits at halves
+        out = torch.ops.fourbit.int4_mm(x, qweight, ones, zeros, 32, None, backend)
+        xq, d = reference.quantize_activations_int8(x, digits_of(backend, x.dtype))
         torch.testing.assert_close(out, xq.float() * d.repeat_interleave(32, 1), rtol=0, atol=0)
 
 
 @needs_kernel
-def test_error_against_w4a16_is_small_and_real():
+@pytest.mark.parametrize("digits, low, high", [(1, 1e-4, 1e-2), (2, 2e-7, 1e-4), (3, 0, 1e-6)])
+def test_error_against_w4a16_is_small_and_real(digits, low, high):
     """The W4A8 result differs from the W4A16 one (it quantizes x), by the relative error
-    documented in the README (well under 1% on Gaussian activations)."""
+    documented in the README (well under 1% on Gaussian activations); 16-bit x ("cpu-int" on
+    bf16 / fp16) by about 256x less, 24-bit x ("cpu-int" on fp32) by no more than fp32 sums in
+    another order do."""
+    from fourbit.backends import cpu_int4
     weight, dense = random_int4_weight(512, 4096, 128, False, torch.float16)
     x = torch.randn(4, 4096)
-    a8 = fourbit.int4_linear(x, weight, backend="cpu-a8").double()
+    a8 = cpu_int4.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len, digits=digits)
     a16 = fourbit.int4_linear(x, weight, backend="cpu").double()
-    rel = float((a8 - a16).norm() / a16.norm())
-    assert 1e-4 < rel < 1e-2
+    rel = float((a8.double() - a16).norm() / a16.norm())
+    assert low < rel < high
 
 
 @needs_kernel
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("isa", ISAS)
-def test_non_finite_activations_give_nan_rows(isa, monkeypatch):
+def test_non_finite_activations_give_nan_rows(isa, backend, monkeypatch):
     monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
     weight, _ = random_int4_weight(20, 256, 64, True, torch.float16)
     x = torch.randn(3, 256)
     x[0, 5] = float("nan")
     x[2, 200] = float("inf")
-    out = fourbit.int4_linear(x, weight, backend="cpu-a8")
+    out = fourbit.int4_linear(x, weight, backend=backend)
     assert out[0].isnan().all() and out[2].isnan().all() and out[1].isfinite().all()
-    want = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len)
+    want = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len,
+                                digits=digits_of(backend, x.dtype))
     assert want[0].isnan().all() and want[2].isnan().all()
 
 
 @needs_kernel
-def test_empty_and_zero_inputs():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_zero_inputs(backend):
     weight, _ = random_int4_weight(16, 128, 32, False, torch.float32)
-    assert fourbit.int4_linear(torch.randn(0, 128), weight, backend="cpu-a8").shape == (0, 16)
-    out = fourbit.int4_linear(torch.zeros(2, 128), weight, torch.ones(16), backend="cpu-a8")
+    assert fourbit.int4_linear(torch.randn(0, 128), weight, backend=backend).shape == (0, 16)
+    out = fourbit.int4_linear(torch.zeros(2, 128), weight, torch.ones(16), backend=backend)
     torch.testing.assert_close(out, torch.ones(2, 16))
 
 
 # ---- in modules ----
 
 @needs_kernel
-def test_int4_linear_module_eager_and_compiled():
-    layer = Int4Linear.from_linear(torch.nn.Linear(256, 96), group_size=32, backend="cpu-a8")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int4_linear_module_eager_and_compiled(backend):
+    layer = Int4Linear.from_linear(torch.nn.Linear(256, 96), group_size=32, backend=backend)
     x = torch.randn(3, 7, 256)
     eager = layer(x)
-    want = reference.int4_mm_a8(x.reshape(-1, 256), layer.qweight, layer.scales, layer.offsets, 32, layer.bias)
+    want = reference.int4_mm_a8(x.reshape(-1, 256), layer.qweight, layer.scales, layer.offsets, 32, layer.bias,
+                                digits_of(backend, x.dtype))
     torch.testing.assert_close(eager.reshape(-1, 96), want, rtol=1e-5, atol=1e-5)
     compiled = torch.compile(layer, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
@@ -213,13 +269,14 @@ def test_a_quantized_model_runs_on_it():
 # ---- bad input ----
 
 @needs_kernel
-def test_unsupported_group_length_is_refused():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsupported_group_length_is_refused(backend):
     """Int4Weight's group sizes all run; a raw weight of 96-column groups (two per 192-column
     row) is refused by the op and by the kernel, naming what it takes."""
     qweight = torch.randint(-2**31, 2**31 - 1, (8, 24), dtype=torch.int32)
     scales = offsets = torch.ones(8, 2)
-    with pytest.raises(ValueError, match=r"cpu-a8.*group lengths 32, 64, a multiple of 128.*not 96"):
-        torch.ops.fourbit.int4_mm(torch.randn(1, 192), qweight, scales, offsets, 96, None, "cpu-a8")
+    with pytest.raises(ValueError, match=backend + r"' takes group lengths 32, 64, a multiple of 128.*not 96"):
+        torch.ops.fourbit.int4_mm(torch.randn(1, 192), qweight, scales, offsets, 96, None, backend)
     with pytest.raises(RuntimeError, match="group_len must be 32, 64, a multiple of 128"):
         _C.int4_a8_mm_cpu(torch.randn(1, 192), qweight, scales, offsets, 96)
 
@@ -240,12 +297,15 @@ def test_kernel_checks_its_inputs():
     for args, word in cases:
         with pytest.raises(RuntimeError, match=word):
             _C.int4_a8_mm_cpu(*args)
+    with pytest.raises(RuntimeError, match="digits must be 1 .*, 2 or 3 .* or 0"):
+        _C.int4_a8_mm_cpu(x, weight.qweight, weight.scales, weight.offsets, 128, None, 4)
 
 
-def test_forced_off_the_cpu_is_refused():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forced_off_the_cpu_is_refused(backend):
     weight, _ = random_int4_weight(8, 128, 32, False, torch.float32)
-    with pytest.raises(RuntimeError, match="backend 'cpu-a8' cannot run here"):
-        fourbit.int4_linear(torch.randn(1, 128, device="meta"), weight.to("meta"), backend="cpu-a8")
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot run here"):
+        fourbit.int4_linear(torch.randn(1, 128, device="meta"), weight.to("meta"), backend=backend)
 
 
 def test_auto_never_picks_it():

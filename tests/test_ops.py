@@ -77,21 +77,23 @@ def test_empty_batch(backend, device):
 
 
 def test_auto_picks_the_cpu_kernel_and_runs_it(monkeypatch):
-    """On the CPU "auto" must choose the C++ kernel when it is built (measured faster than
-    torch's fp32 matmul, dispatch.py), for every M and dtype, and int4_linear must really
-    run what was chosen: the op is handed the backend choose_int4_kernel returned."""
+    """On the CPU "auto" must choose a C++ kernel when it is built (measured faster than
+    torch's fp32 matmul, dispatch.py), for every M and dtype: the fixed-point one for few rows
+    (dispatch.CPU_INT_MAX_M[dtype]), the W4A16 one past them; and int4_linear must really run what
+    was chosen: the op is handed the backend choose_int4_kernel returned."""
     if ops._C is None:
         assert fourbit.choose_backend(torch.device("cpu"), torch.float32, 1, 4096, 4096) == "torch"
         return
     for dtype in DTYPES.values():
-        for m in (1, 16, 1024):
-            assert fourbit.choose_backend(torch.device("cpu"), dtype, m, 4096, 4096) == "cpu"
+        for m, want in ((1, "cpu-int"), (16, "cpu"), (1024, "cpu")):
+            assert fourbit.choose_backend(torch.device("cpu"), dtype, m, 4096, 4096) == want
     assert fourbit.choose_backend(torch.device("meta"), torch.float32, 1, 64, 64) == "torch"
     chosen = []
     monkeypatch.setattr(ops, "_int4_mm", lambda *args: chosen.append(args[-1]) or torch.zeros(args[0].shape[0], 32))
     weight, _ = random_int4_weight(32, 256, 128, False, torch.float32)
-    fourbit.int4_linear(torch.randn(3, 256), weight)
-    assert chosen == ["cpu"]
+    fourbit.int4_linear(torch.randn(1, 256), weight)
+    fourbit.int4_linear(torch.randn(16, 256), weight)
+    assert chosen == ["cpu-int", "cpu"]
 
 
 def test_errors_name_the_problem():

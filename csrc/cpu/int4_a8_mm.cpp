@@ -1,6 +1,6 @@
 // Launcher of the CPU W4A8 int4 matmul: checks the inputs, quantizes x to int8 per block of
-// 32 columns, picks the instruction set at run time, and splits the output rows over
-// threads. The math is in include/fourbit/int4_a8_cpu.h.
+// 32 columns (or to two or three int8 digits: 16- / 24-bit activations), picks the instruction
+// set at run time, and splits the output rows over threads. The math is in include/fourbit/int4_a8_cpu.h.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -38,7 +38,11 @@ Isa pick_a8_isa() {
 const char* int4_a8_mm_cpu_isa() { return pick_a8_isa() == Isa::kAvx512 ? "avx512-vnni" : cpu::isa_name(pick_a8_isa()); }
 
 at::Tensor int4_a8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                          const at::Tensor& offsets, int64_t group_len, const std::optional<at::Tensor>& bias) {
+                          const at::Tensor& offsets, int64_t group_len, const std::optional<at::Tensor>& bias,
+                          int64_t digits) {
+  TORCH_CHECK(digits >= 0 && digits <= 3, "int4_a8_mm_cpu: digits must be 1 (int8 activations), 2 or 3 (16- / "
+              "24-bit activations) or 0 (by x's dtype: 3 for float32, else 2), got ", digits);
+  if (digits == 0) digits = x.scalar_type() == at::kFloat ? 3 : 2;  // reference.fixed_point_digits
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu() &&
                   offsets.device().is_cpu() && (!bias || bias->device().is_cpu()),
               "int4_a8_mm_cpu: every input must be a CPU tensor");
@@ -85,14 +89,14 @@ at::Tensor int4_a8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   // The quantized x in one allocation (a decode call is a few microseconds of work): the
   // lane scales and group sums, then the bytes.
   const int64_t floats = m * (chunks * chunk / 8 + groups);
-  auto x8 = at::empty({floats * 4 + m * chunks * chunk}, x.options().dtype(at::kByte));
+  auto x8 = at::empty({floats * 4 + m * digits * chunks * chunk}, x.options().dtype(at::kByte));
   float* lane_scale = reinterpret_cast<float*>(x8.data_ptr<uint8_t>());
   float* group_sum = lane_scale + m * chunks * chunk / 8;
   int8_t* xq = reinterpret_cast<int8_t*>(x8.data_ptr<uint8_t>() + floats * 4);
-  cpu::int4_a8_quantize_activations(x32.data_ptr<float>(), m, k, k_padded, group_len, chunk, xq, lane_scale,
-                                    group_sum);
+  cpu::int4_a8_quantize_activations(x32.data_ptr<float>(), m, k, k_padded, group_len, chunk, static_cast<int>(digits),
+                                    xq, lane_scale, group_sum);
   auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const cpu::Int4A8Args args{{xq, lane_scale, group_sum},
+  const cpu::Int4A8Args args{{xq, lane_scale, group_sum, static_cast<int>(digits)},
                              reinterpret_cast<const uint8_t*>(w.data_ptr<int32_t>()),
                              s.data_ptr(),
                              o.data_ptr(),

@@ -1,5 +1,5 @@
 // AVX2 CPU W4A8 int4 matmul: 32 weight bytes (64 columns) per register, `vpmaddubsw` then
-// `vpmaddwd` for the products (no 16-bit overflow: 2 x 15 x 127 < 2^15). Everything in this
+// `vpmaddwd` for the products (no 16-bit overflow: 2 x 15 x 128 < 2^15). Everything in this
 // translation unit is compiled for AVX2 (F16C widens fp16 scales).
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
@@ -31,6 +31,7 @@ struct Avx2 {
     const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
+  static ivec shift_digit(ivec i) { return _mm256_slli_epi32(i, 8); }
   static ivec izero() { return _mm256_setzero_si256(); }
   static vec to_float(ivec i) { return _mm256_cvtepi32_ps(i); }
   static vec zero() { return _mm256_setzero_ps(); }

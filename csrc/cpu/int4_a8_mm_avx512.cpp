@@ -25,6 +25,7 @@ struct Avx512Vnni {
   static ivec low(ivec w) { return _mm512_and_si512(w, _mm512_set1_epi8(0x0F)); }
   static ivec high(ivec w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(0x0F)); }
   static ivec dot(ivec acc, ivec u, const int8_t* p) { return _mm512_dpbusd_epi32(acc, u, _mm512_loadu_si512(p)); }
+  static ivec shift_digit(ivec i) { return _mm512_slli_epi32(i, 8); }
   static ivec izero() { return _mm512_setzero_si512(); }
   static vec to_float(ivec i) { return _mm512_cvtepi32_ps(i); }
   static vec zero() { return _mm512_setzero_ps(); }

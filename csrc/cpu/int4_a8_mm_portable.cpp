@@ -49,6 +49,12 @@ struct Portable {
       for (int j = 0; j < 4; ++j) lanes[l] += static_cast<int32_t>(u.b[4 * l + j]) * p[4 * l + j];
     return from_lanes(lanes);
   }
+  static ivec shift_digit(const ivec& i) {
+    int32_t lanes[L];
+    int_lanes(i, lanes);
+    for (int l = 0; l < L; ++l) lanes[l] *= 256;  // |lane| < 2^23 before the last shift: no overflow
+    return from_lanes(lanes);
+  }
   static ivec izero() { return ivec{}; }
   static vec to_float(const ivec& i) {
     int32_t lanes[L];
@@ -105,7 +111,7 @@ struct Portable {
   }
 };
 
-// Round to nearest, ties to even, for |v| <= 127 (the default rounding mode, as std::nearbyint
+// Round to nearest, ties to even, for |v| <= 2^22 (the default rounding mode, as std::nearbyint
 // with no library call): adding 1.5 * 2^23 leaves no fraction bits; subtracting restores v.
 // The compiler may not fold (v + c) - c: fourbit builds without -ffast-math.
 inline float round_to_even(float v) {
@@ -120,15 +126,17 @@ void int4_a8_rows_portable(const Int4A8Args& a, int64_t n_begin, int64_t n_end, 
 }
 
 void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
-                                  int chunk_cols, int8_t* xq, float* lane_scale, float* group_sum) {
+                                  int chunk_cols, int digits, int8_t* xq, float* lane_scale, float* group_sum) {
   const int64_t chunks = int4_a8_chunks(k_padded, chunk_cols), cols = chunks * chunk_cols;
   const int64_t groups = k_padded / group_len, half = chunk_cols / 2, blocks_per_chunk = chunk_cols / 32;
+  const int low_bits = 8 * (digits - 1);                        // 0, 8 or 16
+  const float unit = std::ldexp(1.f, low_bits);                 // 1, 256 or 65536
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * k;
-    int8_t* qr = xq + r * cols;
+    int8_t* qr = xq + r * digits * cols;
     float* dr = lane_scale + r * (cols / 8);
     for (int64_t c = 0; c < chunks; ++c) {
-      int8_t* even = qr + c * chunk_cols;  // the chunk's even columns, then its odd ones
+      int8_t* even = qr + c * chunk_cols;  // the chunk's even columns, then its odd ones (each digit `cols` on)
       for (int64_t b = 0; b < blocks_per_chunk; ++b) {
         const int64_t c0 = c * chunk_cols + 32 * b, live = std::max<int64_t>(0, std::min<int64_t>(32, k - c0));
         const float* xb = xr + c0;
@@ -138,15 +146,30 @@ void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t 
           finite = finite && std::isfinite(xb[i]);
           amax = std::max(amax, std::fabs(xb[i]));
         }
-        // d = max|x| / 127 and x * (127 / max|x|) rounded to nearest even: the reference's
-        // roundings (reference.int4_mm_a8). Non-finite blocks: d = NaN, no bytes.
+        // d = max|x| / 127 and t = x * (127 / max|x|): the reference's roundings
+        // (reference.quantize_activations_int8). One digit: round(t) to nearest even. More:
+        // v = round(t * unit) = a1 unit + round((t - a1) unit) with a1 = round(t) (t - a1 exact,
+        // the products by unit exact; |v| <= 127 unit), written as `digits` int8 digits, the
+        // lower ones in [-128, 127] (two's complement bytes), the top one in [-127, 127]; the
+        // lane scale d / unit. Non-finite blocks: d = NaN, no bytes.
         const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
         const float d = finite ? amax / 127.f : NAN;
-        for (int64_t l = 0; l < 4; ++l) dr[c * (chunk_cols / 8) + 4 * b + l] = d;
+        for (int64_t l = 0; l < 4; ++l) dr[c * (chunk_cols / 8) + 4 * b + l] = d / unit;
         // Column 32 b + i of the chunk is byte 16 b + i / 2 of its even (i even) or odd half.
         for (int64_t i = 0; i < 32; ++i) {
-          const float v = i < live && inv != 0.f ? round_to_even(xb[i] * inv) : 0.f;
-          even[(i & 1) * half + 16 * b + i / 2] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+          const float t = i < live && inv != 0.f ? xb[i] * inv : 0.f;
+          const float a1 = std::max(-127.f, std::min(127.f, round_to_even(t)));
+          int32_t v = static_cast<int32_t>(a1) * (int32_t{1} << low_bits) +
+                      (digits > 1 ? static_cast<int32_t>(round_to_even((t - a1) * unit)) : 0);
+          const int32_t top = 127 * (int32_t{1} << low_bits);  // t may be an ulp past 127
+          v = std::max(-top, std::min(top, v));
+          const int64_t byte = (i & 1) * half + 16 * b + i / 2;
+          for (int digit = digits - 1; digit > 0; --digit) {  // lowest first
+            const int8_t low = static_cast<int8_t>(v & 0xFF);  // v - low is a multiple of 256
+            even[digit * cols + byte] = low;
+            v = (v - low) / 256;
+          }
+          even[byte] = static_cast<int8_t>(v);
         }
       }
     }

@@ -1,7 +1,7 @@
 // The CPU implementations of fourbit's schemas: TORCH_LIBRARY_IMPL(fourbit, CPU).
 //
-// Why in C++: a call whose backend is one of csrc/cpu/'s kernels ("cpu", "cpu-a8") runs it
-// from here, with no Python between torch's dispatcher and the kernel. A compiled decode step
+// Why in C++: a call whose backend is one of csrc/cpu/'s kernels ("cpu", "cpu-a8", "cpu-int")
+// runs it from here, with no Python between torch's dispatcher and the kernel. A compiled decode step
 // of SmolLM2 makes ~180 such calls per token, and a Python implementation costs ~6-8 us of
 // interpreter each (a 64 x 64 int4_mm: 2 us called directly, 9-11 us through a Python
 // implementation, in one process on the 2-core EPYC), more than its small layers' kernels.
@@ -50,15 +50,15 @@ py::object call_python(Op op, Args&&... args) {
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
                    int64_t group_len, const std::optional<at::Tensor>& bias, c10::string_view backend) {
-  if (backend == "cpu-a8") {
+  if (backend == "cpu-a8" || backend == "cpu-int") {
     // The op-level refusal (ValueError, with the way out); the kernel checks everything else.
     if (qweight.dim() == 2) {
       const int64_t k_padded = 8 * qweight.size(1);
-      TORCH_CHECK_VALUE(cpu::int4_a8_supports_group_len(group_len, k_padded),
-                        "backend 'cpu-a8' takes group lengths 32, 64, a multiple of 128, or the whole row (K_padded = ",
-                        k_padded, "), not ", group_len, "; use backend 'cpu'");
+      TORCH_CHECK_VALUE(cpu::int4_a8_supports_group_len(group_len, k_padded), "backend '", std::string(backend),
+                        "' takes group lengths 32, 64, a multiple of 128, or the whole row (K_padded = ", k_padded,
+                        "), not ", group_len, "; use backend 'cpu'");
     }
-    return int4_a8_mm_cpu(x, qweight, scales, offsets, group_len, bias);
+    return int4_a8_mm_cpu(x, qweight, scales, offsets, group_len, bias, backend == "cpu-int" ? 0 : 1);
   }
   if (backend == "cpu" && x.dim() == 2 && x.size(0) < installed().int4_kernel_rows)
     return int4_mm_cpu(x, qweight, scales, offsets, group_len, bias);

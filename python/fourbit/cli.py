@@ -95,12 +95,14 @@ def demo(args) -> None:
 
     ids = tokenizer.encode(default_text())
     print(f"\nperplexity on the first {args.windows} windows of 512 tokens of the Python docs topics:")
+    # Scoring runs 512-token windows, where "auto" takes the W4A16 kernel; "cpu-int" forces
+    # the fixed-point one that "auto" decodes with, W4A8 the int8 one.
     scored = [("float", dense, "auto"), ("int4", int4, "auto")]
     if device.type == "cpu":
-        scored.append(("int4 W4A8", int4, "cpu-a8"))
+        scored += [("int4 cpu-int", int4, "cpu-int"), ("int4 W4A8", int4, "cpu-a8")]
     for name, model, backend in scored:
         _set_int4_backend(model, backend)
-        print(f"  {name:>9}: {perplexity(model, ids, 512, args.windows, progress=False):.3f}")
+        print(f"  {name:>12}: {perplexity(model, ids, 512, args.windows, progress=False):.3f}")
     _set_int4_backend(int4, "auto")
 
 

@@ -39,6 +39,27 @@ DENSE_MIN_M = 512
 # does not make. Both costs scale with N * K, so the threshold holds across shapes.
 CPU_DENSE_MIN_M = {torch.bfloat16: 1024}
 
+# Up to CPU_INT_MAX_M[dtype] rows of x "auto" runs "cpu-int" on the CPU: the integer-product
+# kernel on fixed-point activations, one scale per block of 32 (reference.fixed_point_digits:
+# 24 bits for fp32 x, 16 for bf16 / fp16, finer than x's own rounding of the block's largest
+# element; SmolLM2's perplexity with every int4 layer on it: 14.6927, as W4A16's). Against
+# the W4A16 kernel on the 2-core AVX-512 VNNI Xeon of bench/results/cpu-xeon-int4.md, weights
+# from cache, us (fp32 x: three digits; bf16: two):
+#                         M = 1        2           4            8            16
+#   3072 x 576 g32  fp32  42 vs 54   66 vs 81   124 vs 108   209 vs 172
+#                   bf16  40 vs 58   60 vs 86   113 vs 140   189 vs 175
+#   4096 x 4096 g128 fp32 338 vs 422  467 vs 657  827 vs 1341  1538 vs 1944  2900 vs 2531
+#                   bf16  279 vs 460  402 vs 618  679 vs 1346  1153 vs 1952  2318 vs 2554
+# Past a few rows the W4A16 kernel's blocked GEMM, which reuses each dequantized weight over
+# more rows of x, wins on the narrow layers first.
+CPU_INT_MAX_M = {torch.float32: 2, torch.bfloat16: 4, torch.float16: 4}
+
+
+def cpu_int_takes(group_len: int, k: int) -> bool:
+    """Whether "cpu-int" (and "cpu-a8") take this group length for K columns: 32, 64, a
+    multiple of 128, or one group per row (csrc/cpu/routes.cpp refuses the others)."""
+    return group_len in (32, 64) or group_len % 128 == 0 or group_len >= k
+
 
 @dataclasses.dataclass(frozen=True)
 class Int4Kernel:
@@ -57,15 +78,19 @@ def cpu_int4_path(dtype: torch.dtype, m: int) -> str:
     return "dense" if m >= CPU_DENSE_MIN_M.get(dtype, float("inf")) else "kernel"
 
 
-def choose_int4_kernel(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> Int4Kernel:
-    """The kernel "auto" runs int4_mm with, for x of dtype [m, k] and a weight [n, k] on device.
+def choose_int4_kernel(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
+                       group_len: int | None = None) -> Int4Kernel:
+    """The kernel "auto" runs int4_mm with, for x of dtype [m, k] and a weight [n, k] of
+    group_len columns per group (None: one of format.GROUP_SIZES) on device.
 
-    CPU: the "cpu" backend whenever it is built, on its path by dtype and M (cpu_int4_path):
-        the C++ kernel, which beat torch's fp32 dense matmul at M = 1, 16 and 64 over seven
-        layer shapes (bench/results/cpu.md, weights rotated past the cache), except for bf16
-        from 1024 rows, where dequantizing per call and torch's bf16 matmul beat it
-        (CPU_DENSE_MIN_M). In bf16 from M = 4 torch's matmul on a dense bf16 weight it keeps
-        is faster still (bench/results/cpu-xeon-int4.md); "auto" keeps no such copy.
+    CPU: up to CPU_INT_MAX_M[dtype] rows "cpu-int" (fixed-point activations, above) where it
+        takes the group length; else the "cpu" backend whenever it is built, on its path by
+        dtype and M (cpu_int4_path): the C++ kernel, which beat torch's fp32 dense matmul at
+        M = 1, 16 and 64 over seven layer shapes (bench/results/cpu.md, weights rotated past
+        the cache), except for bf16 from 1024 rows, where dequantizing per call and torch's
+        bf16 matmul beat it (CPU_DENSE_MIN_M). In bf16 from M = 4 torch's matmul on a dense
+        bf16 weight it keeps is faster still (bench/results/cpu-xeon-int4.md); "auto" keeps
+        no such copy.
     CUDA, Ampere or newer with Triton: the Triton path by M (triton_int4_path). The CUDA
         tensor-core kernel ("cuda", fp16/bf16 only) is chosen only once a GPU run has
         measured it faster than Triton on the same shapes: none has.
@@ -75,15 +100,19 @@ def choose_int4_kernel(device: torch.device, dtype: torch.dtype, m: int, n: int,
     if m == 0 or n == 0 or k == 0:
         return Int4Kernel("torch")
     if device.type == "cpu" and unavailable("cpu", device) is None:
+        if (m <= CPU_INT_MAX_M.get(dtype, 0) and (group_len is None or cpu_int_takes(group_len, k))
+                and unavailable("cpu-int", device) is None):
+            return Int4Kernel("cpu-int")
         return Int4Kernel("cpu", cpu_int4_path(dtype, m))
     if device.type == "cuda" and unavailable("triton", device) is None:
         return Int4Kernel("triton", triton_int4_path(m))
     return Int4Kernel("torch")
 
 
-def choose_backend(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> str:
+def choose_backend(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
+                   group_len: int | None = None) -> str:
     """The backend "auto" runs int4_mm with (choose_int4_kernel(...).backend)."""
-    return choose_int4_kernel(device, dtype, m, n, k).backend
+    return choose_int4_kernel(device, dtype, m, n, k, group_len).backend
 
 
 def choose_int8_backend(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> str:

@@ -8,6 +8,9 @@ for torch.compile and meta tensors), one reference (reference.py) and its backen
     "cpu"     C++ kernels in csrc/cpu/ (AVX-512 / AVX2 / portable, chosen at run time)
     "cpu-a8"  int4_mm only: the C++ CPU kernel on int8-quantized activations (W4A8; its
               numerics are reference.int4_mm_a8's, not the reference's). Never chosen by "auto".
+    "cpu-int" int4_mm only: that kernel on fixed-point activations, 24 bits for fp32 x and 16
+              for bf16 / fp16 per block of 32 (reference.fixed_point_digits); "auto" on the
+              CPU for up to dispatch.CPU_INT_MAX_M rows.
     "triton"  Triton kernels in kernels/ (CUDA; on the CPU through TRITON_INTERPRET=1)
     "cuda"    CUDA kernels in csrc/cuda/ (built when torch has CUDA and nvcc exists)
 
@@ -62,9 +65,9 @@ def _int4_mm_impl(x, qweight, scales, offsets, group_len, bias, backend):
         from .backends import cpu_int4
         path = dispatch.cpu_int4_path(x.dtype, x.shape[0])
         return cpu_int4.int4_mm(x, qweight, scales, offsets, group_len, bias, path)
-    if backend == "cpu-a8":
+    if backend in ("cpu-a8", "cpu-int"):
         from .backends import cpu_int4
-        return cpu_int4.int4_mm_a8(x, qweight, scales, offsets, group_len, bias)
+        return cpu_int4.int4_mm_a8(x, qweight, scales, offsets, group_len, bias, 0 if backend == "cpu-int" else 1)
     if backend == "triton":
         from .backends import triton_int4
         return triton_int4.int4_mm(x, qweight, scales, offsets, group_len, bias, dispatch.triton_int4_path(x.shape[0]))
@@ -281,7 +284,8 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
         if chosen != "cuda":
             raise RuntimeError(f"this weight is prepacked for the 'cuda' backend, not {chosen!r}")
     else:
-        chosen = resolve(backend, x.device, "int4_mm", lambda: choose_backend(x.device, x.dtype, x2.shape[0], n, k))
+        chosen = resolve(backend, x.device, "int4_mm",
+                         lambda: choose_backend(x.device, x.dtype, x2.shape[0], n, k, group_len))
         if chosen == "cuda":
             qweight, scales, offsets = prepack_mma_weight(qweight, scales, offsets, k)
     if x2.shape[0] == 0:
@@ -298,9 +302,10 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None =
         weight: Int4Weight of shape (N, K), canonical layout.
         bias: optional float [N].
         backend: "auto" (dispatch.choose_int4_kernel), or one of "torch", "cpu", "triton",
-            "cuda" to force it (RuntimeError if it cannot run here); "cpu-a8" runs the CPU
-            kernel on int8-quantized activations (W4A8, reference.int4_mm_a8's numerics). "cuda" converts the weight
-            to its layout on every call: for repeated calls use Int4Linear, which prepacks once.
+            "cuda" to force it (RuntimeError if it cannot run here); "cpu-a8" / "cpu-int" run
+            the CPU kernel on int8 / fixed-point activations (reference.int4_mm_a8's
+            numerics). "cuda" converts the weight to its layout on every call:
+            for repeated calls use Int4Linear, which prepacks once.
     Returns:
         [..., N] in x's dtype. Differentiable in x and bias on every backend (the weight is
         frozen): the backward is the transposed product through dequantization (above the

@@ -32,15 +32,23 @@ def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offset
     return out.to(x.dtype)
 
 
-# The "cpu-a8" backend's numerics (W4A8: int8 activations), its spec and test oracle.
+# The "cpu-a8" and "cpu-int" backends' numerics (int8 / fixed-point integer activations),
+# their spec and test oracle.
 A8_BLOCK = 32
 
 
-def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_int8(x: torch.Tensor, digits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x float [M, K] -> (xq int8 [M, K_32], d fp32 [M, K_32 / 32]) with K_32 = K rounded up to
     32: per block of 32 columns d = max|x| / 127 and xq = round(x * (127 / max|x|)) (to
     nearest even), so x ~ xq * d. Zero padding; an all-zero block gets d = 0. A block holding
-    inf or NaN gets d = NaN (and zero bytes): every output it reaches is NaN."""
+    inf or NaN gets d = NaN (and zero bytes): every output it reaches is NaN.
+
+    digits 2 or 3 ("cpu-int", fixed_point_digits): with t = x * (127 / max|x|) in fp32 and
+    unit = 256^(digits - 1), xq = round(t * unit) (int16 / int32, |xq| <= 127 unit) and
+    d / unit: 16- / 24-bit activations, x within max|x| / (254 unit) of xq * d (plus t's fp32
+    rounding). The kernel holds each as `digits` int8 digits."""
+    if digits not in (1, 2, 3):
+        raise ValueError(f"digits must be 1, 2 or 3, got {digits!r}")
     m, k = x.shape
     k32 = -(-k // A8_BLOCK) * A8_BLOCK
     xp = torch.zeros(m, k32, dtype=torch.float32, device=x.device)
@@ -52,15 +60,27 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     # fp64: one division then one rounding is exact for these; torch's fp32 tensor division
     # may multiply by a reciprocal instead, off by an ulp).
     inv = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
-    xq = torch.where(finite, blocks * inv, 0.0).round().clamp(-127, 127).to(torch.int8)
+    t = torch.where(finite, blocks * inv, 0.0)
     d = torch.where(finite, (amax.double() / 127.0).float(), float("nan"))
-    return xq.view(m, k32), d.view(m, -1)
+    if digits == 1:
+        return t.round().clamp(-127, 127).to(torch.int8).view(m, k32), d.view(m, -1)
+    unit = 256 ** (digits - 1)  # t * unit is exact in fp32 (|t| <= 127, unit <= 2^16)
+    xq = (t * unit).round().clamp(-127 * unit, 127 * unit).to(torch.int16 if digits == 2 else torch.int32)
+    return xq.view(m, k32), (d / unit).view(m, -1)
+
+
+def fixed_point_digits(dtype: torch.dtype) -> int:
+    """The int8 digits per activation of the "cpu-int" backend for x of dtype: 3 (24-bit) for
+    fp32, 2 (16-bit) for bf16 / fp16; either way finer than the dtype's own rounding of the
+    block's largest element (2^-24, 2^-8 / 2^-11 of it), against a step of max / (127 unit)."""
+    return 3 if dtype == torch.float32 else 2
 
 
 def int4_mm_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-               group_len: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """int4_mm with x quantized to int8 first (quantize_activations_int8): what the "cpu-a8"
-    backend computes, here in fp64. With w = q s + m:
+               group_len: int, bias: torch.Tensor | None = None, digits: int = 1) -> torch.Tensor:
+    """int4_mm with x quantized first (quantize_activations_int8, `digits` int8 digits): what the
+    "cpu-a8" (digits=1) and "cpu-int" (fixed_point_digits(x.dtype)) backends compute, here in
+    fp64. With w = q s + m:
 
         out = sum_g s[n, g] sum_{k in g} q[n, k] (xq d)[m, k] + sum_g m[n, g] sum_{k in g} x[m, k]
 
@@ -68,7 +88,7 @@ def int4_mm_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     """
     m, k = x.shape
     kp = 8 * qweight.shape[1]
-    xq, d = quantize_activations_int8(x)
+    xq, d = quantize_activations_int8(x, digits)
     xd = torch.zeros(m, kp, dtype=torch.float64, device=x.device)
     cols = min(kp, xq.shape[1])
     xd[:, :cols] = (xq.double() * d.double().repeat_interleave(A8_BLOCK, 1))[:, :cols]

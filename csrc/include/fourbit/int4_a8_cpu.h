@@ -18,6 +18,18 @@
 // and lane l of both products covers columns 8l .. 8l + 7 of the chunk. Each chunk's integer
 // lanes are widened to fp32 and scaled by s[n, group of the lane] d[block of the lane].
 //
+// Two or three digits (the "cpu-int" backend: 3 for fp32 x, 2 for bf16 / fp16): the same
+// integer products on fixed-point activations. With t = x / d (the one-digit quotient,
+// |t| <= 127) and unit = 256^(digits - 1), v = round(t unit) is written as a top digit in
+// [-127, 127] and lower ones in [-128, 127] (v = 256 (... 256 a1 + a2 ...) + a3), and
+// x ~ (d / unit) v, within d / (2 unit) of x instead of d / 2. Each more digit costs two more
+// `vpdpbusd` per chunk and row of x: the lanes' sum so far is shifted left by 8 bits and the
+// next digit's products accumulate onto it (|v| <= 127 unit, 8 columns per lane: at most
+// 8 x 15 x 127 x 2^16 < 2^30, exact in int32; its fp32 conversion rounds once, like an fp32
+// sum), and the lane scale is d / unit. One scale per 32 columns: a 16- / 24-bit fixed-point
+// number per block, whose step (max / 32512, max / 8323072) is below x's own rounding of the
+// block's largest element in its dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32: max / 16.7M).
+//
 // Group lengths: 32, 64, any multiple of 128, or K_padded (one group per row); either a
 // chunk lies inside one group, or its lanes split evenly over C / group_len groups.
 //
@@ -36,9 +48,12 @@ namespace cpu {
 
 // x after quantization, for one call (int4_a8_quantize_activations).
 struct Int4A8Activations {
-  const int8_t* q;           // [M, chunks * C]: per chunk its C/2 even columns, then its C/2 odd
-  const float* lane_scale;   // [M, chunks * C / 8]: d of the 32-column block of each 8-column lane
+  // [M, digits, chunks * C]: per row of x, each digit's bytes (the high digit first), per chunk
+  // its C/2 even columns, then its C/2 odd
+  const int8_t* q;
+  const float* lane_scale;   // [M, chunks * C / 8]: d (one digit) or d / 256 (two) of each 8-column lane's block
   const float* group_sum;    // [M, groups]: fp32 sum of x over each weight group
+  int digits;                // 1 (int8 activations, W4A8), 2 or 3 (16- / 24-bit, "cpu-int")
 };
 
 struct Int4A8Args {
@@ -70,11 +85,12 @@ constexpr int kInt4A8MaxRows = 4;
 // + 4 of padding, read by the last chunk's lane expansion).
 static inline int64_t int4_a8_scratch_floats(int64_t groups) { return 2 * kInt4A8MaxRows * (groups + 4); }
 
-// Quantize rows of x (fp32 [M, K], row-major) for the kernels of one chunk width: xq
-// [M, chunks * C], lane_scale [M, chunks * C / 8], group_sum [M, groups]. Columns past K are
-// zero. A block holding inf or NaN gets scale NaN and zero bytes: its row's outputs are NaN.
+// Quantize rows of x (fp32 [M, K], row-major) to `digits` int8 digits for the kernels of one
+// chunk width: xq [M, digits, chunks * C], lane_scale [M, chunks * C / 8], group_sum [M, groups].
+// Columns past K are zero. A block holding inf or NaN gets scale NaN and zero bytes: its row's
+// outputs are NaN.
 void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
-                                  int chunk_cols, int8_t* xq, float* lane_scale, float* group_sum);
+                                  int chunk_cols, int digits, int8_t* xq, float* lane_scale, float* group_sum);
 
 // Rows [n_begin, n_end) of out for every row of x. Safe to call from many threads on
 // disjoint row ranges, each with its own scratch of int4_a8_scratch_floats floats.

@@ -5,6 +5,7 @@
 //   load_w(p), load_w(p, bytes)   a chunk's C / 2 weight bytes; its first `bytes`, the rest zero
 //   low(w), high(w)      its low and high nibbles as bytes (even and odd columns)
 //   dot(acc, u, p)       acc + per lane the sum of 4 products u8 (u) x s8 (bytes at p)
+//   shift_digit(i)       each 32-bit lane shifted left by 8 bits (x 256, the high digit's weight)
 //   izero(), to_float(i), zero(), load(p), broadcast(s), mul(a, b), fma(a, b, c), hsum(v)
 //   lane_index(shift), expand(p, index)   lane l takes p[l >> shift]
 //   to_float(p, type, count, out)         count scales widened to fp32
@@ -23,14 +24,15 @@ namespace fourbit {
 namespace cpu {
 
 // One chunk (C columns, `bytes` of each weight row: B but in a row's last chunk) of NR weight
-// rows (w, rows row_bytes apart) against MR rows of x (xq, x_row bytes apart; their lane
-// scales d, d_row floats apart): acc[j][r] += the chunk's lanes, each scaled by its weight
-// scale (from ss[j]) and its activation block's d.
-template <class V, int MR, int NR, bool PerLane>
+// rows (w, rows row_bytes apart) against MR rows of x (xq, x_row bytes apart, each digit of a
+// row `plane` bytes after the one above it; their lane scales d, d_row floats apart):
+// acc[j][r] += the chunk's lanes, each scaled by its weight scale (from ss[j]) and its
+// activation block's d.
+template <class V, int MR, int NR, bool PerLane, int Digits>
 __attribute__((always_inline)) inline void int4_a8_chunk(typename V::vec (&acc)[NR][MR], const uint8_t* w,
                                                          int64_t row_bytes, int bytes, const float* const (&ss)[NR],
                                                          typename V::ivec index, const int8_t* xq, int64_t x_row,
-                                                         const float* d, int64_t d_row) {
+                                                         int64_t plane, const float* d, int64_t d_row) {
   using vec = typename V::vec;
   using ivec = typename V::ivec;
   constexpr int B = V::C / 2;
@@ -40,7 +42,10 @@ __attribute__((always_inline)) inline void int4_a8_chunk(typename V::vec (&acc)[
     const vec ws = PerLane ? V::expand(ss[j], index) : V::broadcast(*ss[j]);
     for (int r = 0; r < MR; ++r) {
       const int8_t* xr = xq + r * x_row;
-      const ivec sum = V::dot(V::dot(V::izero(), lo, xr), hi, xr + B);
+      ivec sum = V::dot(V::dot(V::izero(), lo, xr), hi, xr + B);
+      // Each lower digit (its bytes `plane` after the one above): the sum so far x 256, plus its products.
+      for (int digit = 1; digit < Digits; ++digit)
+        sum = V::dot(V::dot(V::shift_digit(sum), lo, xr + digit * plane), hi, xr + digit * plane + B);
       acc[j][r] = V::fma(V::to_float(sum), V::mul(ws, V::load(d + r * d_row)), acc[j][r]);
     }
   }
@@ -53,7 +58,7 @@ __attribute__((always_inline)) inline void int4_a8_chunk(typename V::vec (&acc)[
 // in L1 across many weight rows. PerLane: the chunk's lanes split over several groups
 // (group_len < C); else each chunk lies in one group, chunks_per_group of them in a row
 // (all of them for one group).
-template <class V, int MR, int NR, bool PerLane>
+template <class V, int MR, int NR, bool PerLane, int Digits>
 inline void int4_a8_block(const Int4A8Args& a, int64_t n0, int64_t m0, const float* s, const float* o,
                           int64_t row_floats) {
   using vec = typename V::vec;
@@ -61,9 +66,9 @@ inline void int4_a8_block(const Int4A8Args& a, int64_t n0, int64_t m0, const flo
   constexpr int C = V::C, L = V::L, B = C / 2;
   const int64_t chunks = int4_a8_chunks(a.k_padded, C), row_bytes = a.k_padded / 2;
   const uint8_t* w = a.w + n0 * row_bytes;
-  const int8_t* xq = a.x.q + m0 * chunks * C;
-  const float* d = a.x.lane_scale + m0 * chunks * L;
-  const int64_t x_row = chunks * C, d_row = chunks * L;
+  const int64_t plane = chunks * C, x_row = Digits * plane, d_row = chunks * L;
+  const int8_t* xq = a.x.q + m0 * x_row;
+  const float* d = a.x.lane_scale + m0 * d_row;
   const int64_t groups_per_chunk = PerLane ? C / a.group_len : 0;
   const int64_t chunks_per_group = PerLane ? 0 : a.groups == 1 ? chunks : a.group_len / C;
   const ivec index = V::lane_index(a.group_len == 32 ? 2 : 3);
@@ -76,14 +81,15 @@ inline void int4_a8_block(const Int4A8Args& a, int64_t n0, int64_t m0, const flo
   for (int64_t c = 0; c < full; ++c) {
     const float* ss[NR];
     for (int j = 0; j < NR; ++j) ss[j] = PerLane ? s + j * row_floats + c * groups_per_chunk : s + j * row_floats + group;
-    int4_a8_chunk<V, MR, NR, PerLane>(acc, w + c * B, row_bytes, B, ss, index, xq + c * C, x_row, d + c * L, d_row);
+    int4_a8_chunk<V, MR, NR, PerLane, Digits>(acc, w + c * B, row_bytes, B, ss, index, xq + c * C, x_row, plane,
+                                              d + c * L, d_row);
     if (!PerLane && --left == 0) ++group, left = chunks_per_group;
   }
   if (full < chunks) {  // the row's last, partial chunk
     const float* ss[NR];
     for (int j = 0; j < NR; ++j) ss[j] = PerLane ? s + j * row_floats + full * groups_per_chunk : s + j * row_floats + group;
-    int4_a8_chunk<V, MR, NR, PerLane>(acc, w + full * B, row_bytes, static_cast<int>(row_bytes - full * B), ss, index,
-                                      xq + full * C, x_row, d + full * L, d_row);
+    int4_a8_chunk<V, MR, NR, PerLane, Digits>(acc, w + full * B, row_bytes, static_cast<int>(row_bytes - full * B), ss,
+                                              index, xq + full * C, x_row, plane, d + full * L, d_row);
   }
   for (int j = 0; j < NR; ++j) {
     const float* oj = o + j * row_floats;
@@ -101,16 +107,16 @@ inline void int4_a8_block(const Int4A8Args& a, int64_t n0, int64_t m0, const flo
   }
 }
 
-template <class V, int NR, bool PerLane>
+template <class V, int NR, bool PerLane, int Digits>
 inline void int4_a8_row_block(const Int4A8Args& a, int64_t n0, const float* s, const float* o, int64_t row_floats) {
   constexpr int MR = V::MR;
   int64_t m0 = 0;
-  for (; m0 + MR <= a.m; m0 += MR) int4_a8_block<V, MR, NR, PerLane>(a, n0, m0, s, o, row_floats);
+  for (; m0 + MR <= a.m; m0 += MR) int4_a8_block<V, MR, NR, PerLane, Digits>(a, n0, m0, s, o, row_floats);
   // The last rows of x, fewer than MR: one block of exactly that many (no masked lanes).
   switch (a.m - m0) {
-    case 1: if constexpr (MR > 1) int4_a8_block<V, 1, NR, PerLane>(a, n0, m0, s, o, row_floats); break;
-    case 2: if constexpr (MR > 2) int4_a8_block<V, 2, NR, PerLane>(a, n0, m0, s, o, row_floats); break;
-    case 3: if constexpr (MR > 3) int4_a8_block<V, 3, NR, PerLane>(a, n0, m0, s, o, row_floats); break;
+    case 1: if constexpr (MR > 1) int4_a8_block<V, 1, NR, PerLane, Digits>(a, n0, m0, s, o, row_floats); break;
+    case 2: if constexpr (MR > 2) int4_a8_block<V, 2, NR, PerLane, Digits>(a, n0, m0, s, o, row_floats); break;
+    case 3: if constexpr (MR > 3) int4_a8_block<V, 3, NR, PerLane, Digits>(a, n0, m0, s, o, row_floats); break;
     default: break;
   }
   static_assert(MR <= 4, "int4_a8_row_block handles at most 3 leftover rows");
@@ -120,8 +126,8 @@ inline void int4_a8_row_block(const Int4A8Args& a, int64_t n0, const float* s, c
 // scales and offsets widened to fp32 once (scratch), then every block of rows of x against
 // them; the NR rows (K_padded / 2 bytes each) stay in L1 from the first block to the last,
 // so the weights are read from memory once.
-template <class V>
-inline void int4_a8_rows(const Int4A8Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
+template <class V, int Digits>
+inline void int4_a8_rows_of(const Int4A8Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
   constexpr int NR = V::NR;
   const int64_t row_floats = a.groups + 4;  // + 4 read (never used) by the last chunk's expansion
   float* s = scratch;
@@ -151,14 +157,25 @@ inline void int4_a8_rows(const Int4A8Args& a, int64_t n_begin, int64_t n_end, fl
       V::to_float(a.offsets, a.offset_type, (n0 + j) * a.groups, a.groups, o + j * row_floats);
     }
     if (rows == NR) {
-      if (per_lane) int4_a8_row_block<V, NR, true>(a, n0, s, o, row_floats);
-      else int4_a8_row_block<V, NR, false>(a, n0, s, o, row_floats);
+      if (per_lane) int4_a8_row_block<V, NR, true, Digits>(a, n0, s, o, row_floats);
+      else int4_a8_row_block<V, NR, false, Digits>(a, n0, s, o, row_floats);
     } else {
       for (int j = 0; j < rows; ++j) {
-        if (per_lane) int4_a8_row_block<V, 1, true>(a, n0 + j, s + j * row_floats, o + j * row_floats, row_floats);
-        else int4_a8_row_block<V, 1, false>(a, n0 + j, s + j * row_floats, o + j * row_floats, row_floats);
+        const float* sj = s + j * row_floats;
+        const float* oj = o + j * row_floats;
+        if (per_lane) int4_a8_row_block<V, 1, true, Digits>(a, n0 + j, sj, oj, row_floats);
+        else int4_a8_row_block<V, 1, false, Digits>(a, n0 + j, sj, oj, row_floats);
       }
     }
+  }
+}
+
+template <class V>
+inline void int4_a8_rows(const Int4A8Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
+  switch (a.x.digits) {
+    case 3: return int4_a8_rows_of<V, 3>(a, n_begin, n_end, scratch);
+    case 2: return int4_a8_rows_of<V, 2>(a, n_begin, n_end, scratch);
+    default: return int4_a8_rows_of<V, 1>(a, n_begin, n_end, scratch);
   }
 }
 

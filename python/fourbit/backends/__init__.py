@@ -4,7 +4,8 @@ One module per engine and op family; nothing here chooses between them (dispatch
 and no user imports them (the ops in ops.py do):
 
     cpu_int4.py          int4_mm on the C++ CPU kernels (csrc/cpu/, AVX-512 / AVX2 / portable):
-                         "cpu" (W4A16) and "cpu-a8" (int8 activations, W4A8)
+                         "cpu" (W4A16), "cpu-a8" (int8 activations, W4A8) and "cpu-int"
+                         (fixed-point activations at x's precision)
     cpu_int8.py          int8_mm (int8 weight-only: GGUF Q8_0, int8 heads) on the C++ CPU kernel
     triton_int4.py       int4_mm on the Triton GEMV / GEMM / dequantize kernels (kernels/)
     triton_attention.py  write_kv, paged decode and prefill attention on Triton (kernels/)
@@ -37,12 +38,14 @@ except ImportError as _error:  # the package still works, on the reference backe
 
 # "cpu-a8" is the CPU int4 kernel on activations quantized to int8 per block of 32 (W4A8,
 # reference.int4_mm_a8): other numerics than the rest, so only ever chosen by name.
-BACKENDS = ("torch", "cpu", "triton", "cuda", "cpu-a8")
+# "cpu-int" is the same kernel on fixed-point activations (two or three int8 digits per
+# value by x's dtype, reference.fixed_point_digits).
+BACKENDS = ("torch", "cpu", "triton", "cuda", "cpu-a8", "cpu-int")
 OPS = ("int4_mm", "write_kv", "paged_attention", "paged_prefill_attention", "int8_mm")
 
 # The backends that implement each op, besides the reference ("torch", every op).
 KERNELS = {
-    "int4_mm": ("cpu", "triton", "cuda", "cpu-a8"),
+    "int4_mm": ("cpu", "triton", "cuda", "cpu-a8", "cpu-int"),
     "write_kv": ("cpu", "triton", "cuda"),
     "paged_attention": ("cpu", "triton", "cuda"),
     "paged_prefill_attention": ("cpu", "triton"),
@@ -84,12 +87,12 @@ def unavailable(backend: str, device: torch.device, op: str = "int4_mm") -> str 
         return f"it is not a backend; choose one of {('auto',) + BACKENDS}"
     if backend not in KERNELS[op]:
         return f"fourbit has no {backend!r} kernel for {op} (yet)"
-    if backend in ("cpu", "cpu-a8"):
+    if backend in ("cpu", "cpu-a8", "cpu-int"):
         if device.type != "cpu":
             return f"it runs on CPU tensors and the inputs are on {device}"
         if _C is None:
             return "the compiled extension fourbit._C is not built"
-        entry = "int4_a8_mm_cpu" if backend == "cpu-a8" else f"{op}_cpu"
+        entry = f"{op}_cpu" if backend == "cpu" else "int4_a8_mm_cpu"
         return None if hasattr(_C, entry) else f"fourbit._C predates its {backend} {op} kernel; rebuild it"
     if backend == "cuda":
         if device.type != "cuda":

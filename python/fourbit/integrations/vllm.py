@@ -497,6 +497,8 @@ class FourbitLinearMethod(LinearMethodBase):
         backend = self.config.backend
         self.backend = ops.resolve(backend, device, "int4_mm",
                                    lambda: dispatch.choose_backend(device, self.params_dtype, 1, self.n, self.k))
+        if backend == "auto" and device.type == "cpu":
+            self.backend = "auto"  # on the CPU "auto" picks per call, by rows of x (decode or prefill)
         self.layout = "mma" if self.backend == "cuda" else "canonical"
         if self.layout == "mma":
             qweight, scales, offsets = prepack_mma_weight(qweight, scales, offsets, self.k)

@@ -63,7 +63,9 @@ def smollm_hf(smollm_path):
 # ---- the (device, backend) pairs that exist, for parametrizing kernel tests ----
 # A backend runs on these device types at all (whether it is built here is checked by need()):
 # Triton on the CPU through its interpreter, the C++ kernels on the CPU, the CUDA ones on CUDA.
-DEVICE_BACKENDS = {"cpu": ("torch", "cpu", "triton"), "cuda": ("torch", "triton", "cuda")}
+# "cpu-int" (fixed-point activations) is here because "auto" runs it for a few rows: it must
+# pass every W4A16 accuracy test; "cpu-a8" (W4A8, other numerics) has its own (test_int4_a8.py).
+DEVICE_BACKENDS = {"cpu": ("torch", "cpu", "cpu-int", "triton"), "cuda": ("torch", "triton", "cuda")}
 
 
 def backend_cases(op: str = "int4_mm", interpreter: bool = True) -> list:

@@ -59,17 +59,19 @@ def half_step(x: torch.Tensor, digits: int = 1) -> torch.Tensor:
     return d / 2 if digits == 1 else d * (0.5 / 256 ** (digits - 1) + 2.0**-17)
 
 
-def a8_bound(x: torch.Tensor, dense: torch.Tensor, digits: int = 1) -> torch.Tensor:
-    """[M, N]: the most W4A8 (more digits: fixed point) may differ from x @ dense.T: each x within
-    half_step of xq d, times |scale q| summed; computed here from x and the fp64 dense weight,
-    not from the spec. dense = q s + m, so |w - m| = |q s|."""
-    return half_step(x, digits) @ dense.abs().T
-
-
-def offsets_of(weight) -> torch.Tensor:
-    """The weight's offsets [N, K] per column (dense = q s + offsets)."""
+def centred_offsets(weight) -> torch.Tensor:
+    """The weight's offsets per column [N, K] once the weight is centred at q = 8: dense =
+    (q - 8) s + m' with m' = m + 8 s (in fp32, as the kernel widens and adds them)."""
     n, k = weight.shape
-    return weight.offsets.double().repeat_interleave(weight.group_len, 1)[:, :k]
+    centred = weight.offsets.float() + 8 * weight.scales.float()
+    return centred.double().repeat_interleave(weight.group_len, 1)[:, :k]
+
+
+def a8_bound(x: torch.Tensor, dense: torch.Tensor, centred: torch.Tensor, digits: int = 1) -> torch.Tensor:
+    """[M, N]: the most W4A8 (more digits: fixed point) may differ from x @ dense.T: each x within
+    half_step of xq d, times |(q - 8) s| = |dense - m'| summed (the offset term takes the exact
+    x); computed here from x and the fp64 dense weight, not from the spec."""
+    return half_step(x, digits) @ (dense - centred).abs().T
 
 
 # ---- the spec ----
@@ -119,9 +121,8 @@ def test_fixed_point_quantization_is_the_int8_one_refined(digits):
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["offset", "symmetric"])
 def test_spec_is_the_quantized_product_within_its_rounding_bound(group_size, symmetric, digits):
-    """reference.int4_mm_a8 against plain arithmetic: (xq d) @ (w - m).T + x @ m.T, and within
-    a8_bound of the exact x @ w.T; its offset term is exact (a weight of offsets only gives the
-    W4A16 result)."""
+    """reference.int4_mm_a8 against plain arithmetic: (xq d) @ (w - m').T + x @ m'.T with the
+    offsets m' of the weight centred at q = 8, and within a8_bound of the exact x @ w.T."""
     n, k = 40, 300
     weight, dense = random_int4_weight(n, k, group_size, symmetric, torch.float32)
     x = torch.randn(5, k)
@@ -129,11 +130,13 @@ def test_spec_is_the_quantized_product_within_its_rounding_bound(group_size, sym
                                digits=digits).double()
     xq, d = reference.quantize_activations_int8(x, digits)
     xd = (xq.double() * d.double().repeat_interleave(32, 1))[:, :k]
-    o = offsets_of(weight)
+    o = centred_offsets(weight)
+    if symmetric:
+        assert (o == 0).all()  # nothing of a symmetric weight rides on the sums of x
     torch.testing.assert_close(out, xd @ (dense - o).T + x.double() @ o.T, rtol=1e-6, atol=1e-5)
     exact = x.double() @ dense.T
     slack = 1e-4 if digits == 1 else 2e-6  # + the fp32 rounding of out
-    assert ((out - exact).abs() <= a8_bound(x, dense, digits) + slack).all()
+    assert ((out - exact).abs() <= a8_bound(x, dense, o, digits) + slack).all()
     if digits < 3:  # (24-bit x: its error is that of out's fp32 rounding)
         assert (out - exact).abs().max() > slack  # it does quantize x
 
@@ -170,20 +173,22 @@ def test_kernel_matches_spec(case, dtype, isa, backend, monkeypatch):
     eps = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     assert ((out.double() - want.double()).abs() <= eps * scale + 1e-5).all()
     exact = x.double() @ dense.T + bias.double()
-    assert ((out.double() - exact).abs() <= a8_bound(x, dense, digits) + eps * scale + 1e-4).all()
+    bound = a8_bound(x, dense, centred_offsets(weight), digits)
+    assert ((out.double() - exact).abs() <= bound + eps * scale + 1e-4).all()
 
 
 @needs_kernel
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("isa", ISAS)
 def test_kernel_quantizes_x_as_the_spec_does(isa, backend, monkeypatch):
-    """A one-hot weight (q = identity, s = 1, m = 0) reads back xq * d column by column: the
-    kernel's quantized x equals the spec's exactly (both digits), ties to even included, at
-    decode and prefill M."""
+    """A one-hot weight (w = identity: q = 8 + identity, s = 1, m = -8, so that centred at
+    q = 8 nothing rides on the sums of x) reads back xq * d column by column: the kernel's
+    quantized x equals the spec's exactly (every digit), ties to even included, at decode and
+    prefill M."""
     monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
     k = 576
-    qweight = fourbit.format.pack_int4(torch.eye(k, dtype=torch.int32))
-    ones, zeros = torch.ones(k, k // 32), torch.zeros(k, k // 32)
+    qweight = fourbit.format.pack_int4(8 + torch.eye(k, dtype=torch.int32))
+    ones, zeros = torch.ones(k, k // 32), -8 * torch.ones(k, k // 32)
     for m in (1, 2048):
         x = torch.randn(m, k) * torch.rand(1, k) * 8
         x[0, :32] = torch.arange(32) - 15.5  # max 15.5: 127 / 15.5 * (j - 15.5) hits halves
@@ -212,17 +217,31 @@ def test_error_against_w4a16_is_small_and_real(digits, low, high):
 @needs_kernel
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("isa", ISAS)
-def test_non_finite_activations_give_nan_rows(isa, backend, monkeypatch):
+def test_rows_fixed_point_cannot_hold_take_the_w4a16_kernel(isa, backend, monkeypatch):
+    """A row with NaN, inf, a block past 2^64 or a nonzero block below 2^-64 (fp32 scales and
+    sums would overflow or underflow) is the W4A16 kernel's result for that row, bit for bit:
+    NaN / inf where x @ W.T has them, huge and tiny rows accurate; the other rows are what
+    they are alone. The spec says the same."""
     monkeypatch.setenv("FOURBIT_CPU_ISA", isa)
-    weight, _ = random_int4_weight(20, 256, 64, True, torch.float16)
-    x = torch.randn(3, 256)
+    weight, dense = random_int4_weight(20, 256, 64, True, torch.float16)
+    x = torch.randn(6, 256)
     x[0, 5] = float("nan")
     x[2, 200] = float("inf")
+    x[3, 64:96] *= 1e30
+    x[4, :32] *= 1e-25
+    redo, kept = [0, 2, 3, 4], [1, 5]
     out = fourbit.int4_linear(x, weight, backend=backend)
-    assert out[0].isnan().all() and out[2].isnan().all() and out[1].isfinite().all()
+    w4a16 = fourbit.int4_linear(x[redo], weight, backend="cpu")
+    torch.testing.assert_close(out[redo], w4a16, rtol=0, atol=0, equal_nan=True)
+    assert out[0].isnan().all() and out[2].isinf().any() and out[kept].isfinite().all()
+    torch.testing.assert_close(out[kept], fourbit.int4_linear(x[kept], weight, backend=backend), rtol=0, atol=0)
+    exact = x[3:5].double() @ dense.T
+    assert float((out[3:5].double() - exact).norm() / exact.norm()) < 1e-5
     want = reference.int4_mm_a8(x, weight.qweight, weight.scales, weight.offsets, weight.group_len,
                                 digits=digits_of(backend, x.dtype))
-    assert want[0].isnan().all() and want[2].isnan().all()
+    torch.testing.assert_close(want[redo], reference.int4_mm(x[redo], weight.qweight, weight.scales,
+                                                              weight.offsets, weight.group_len),
+                               rtol=0, atol=0, equal_nan=True)
 
 
 @needs_kernel

@@ -3,9 +3,11 @@ int4 matmul, and NaN in attention. Each kernel must do what the fp64 reference d
 the same inputs: the same inf / NaN pattern, finite wherever the true result is finite, and
 no more error than the reference backend on inputs that make cancellation easy.
 
-The CPU kernel runs on every instruction set the machine has (FOURBIT_CPU_ISA), over its
-small-batch dot-product schedule (M <= 3) and its blocked GEMM (M = 7). The attention cases
-run on every (device, backend) pair, Triton on the CPU through its interpreter."""
+The CPU kernels run on every instruction set the machine has (FOURBIT_CPU_ISA): "cpu" over
+its small-batch dot-product schedule (M <= 3) and its blocked GEMM (M = 7), and "cpu-int"
+(fixed-point activations, what "auto" runs for a few rows), whose rows out of fixed point's
+range go to the W4A16 kernel. The attention cases run on every (device, backend) pair,
+Triton on the CPU through its interpreter."""
 
 import pytest
 import torch
@@ -22,8 +24,8 @@ MODES = {"offset": False, "symmetric": True}
 
 
 def matmul_cases(with_reference: bool = True) -> list:
-    """(device, backend, isa) for the CPU backends: the reference and the C++ kernel once per
-    instruction set (isa None for the reference). Triton's interpreter is left out (too slow
+    """(device, backend, isa) for the CPU backends: the reference and the C++ kernels ("cpu",
+    "cpu-int") once per instruction set (isa None for the reference). Triton's interpreter is left out (too slow
     for these shapes; it dequantizes before its dot products, as the reference does), and so
     are the GPU kernels for now: no GPU has run these cases yet, and "cuda" takes no fp32."""
     cases = []
@@ -31,7 +33,7 @@ def matmul_cases(with_reference: bool = True) -> list:
         device, backend = case.values
         if device != "cpu" or (backend == "torch" and not with_reference):
             continue
-        for isa in CPU_ISAS if backend == "cpu" else [None]:
+        for isa in CPU_ISAS if backend in ("cpu", "cpu-int") else [None]:
             cases.append(pytest.param(device, backend, isa, id=case.id + (f"-{isa}" if isa else "")))
     return cases
 

@@ -1,6 +1,7 @@
 // Launcher of the CPU W4A8 int4 matmul: checks the inputs, quantizes x to int8 per block of
 // 32 columns (or to two or three int8 digits: 16- / 24-bit activations), picks the instruction
-// set at run time, and splits the output rows over threads. The math is in include/fourbit/int4_a8_cpu.h.
+// set at run time, splits the output rows over threads, and hands the rows that fixed point
+// cannot hold to the W4A16 kernel. The math is in include/fourbit/int4_a8_cpu.h.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -87,16 +88,20 @@ at::Tensor int4_a8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const auto w = qweight.contiguous();
   const auto b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   // The quantized x in one allocation (a decode call is a few microseconds of work): the
-  // lane scales and group sums, then the bytes.
-  const int64_t floats = m * (chunks * chunk / 8 + groups);
-  auto x8 = at::empty({floats * 4 + m * digits * chunks * chunk}, x.options().dtype(at::kByte));
-  float* lane_scale = reinterpret_cast<float*>(x8.data_ptr<uint8_t>());
-  float* group_sum = lane_scale + m * chunks * chunk / 8;
-  int8_t* xq = reinterpret_cast<int8_t*>(x8.data_ptr<uint8_t>() + floats * 4);
-  cpu::int4_a8_quantize_activations(x32.data_ptr<float>(), m, k, k_padded, group_len, chunk, static_cast<int>(digits),
-                                    xq, lane_scale, group_sum);
+  // lane scales, lane sums and group sums, then the bytes, then the row flags.
+  const int64_t lanes = m * chunks * chunk / 8, words = 2 * lanes + m * groups;
+  auto x8 = at::empty({words * 4 + m + m * digits * chunks * chunk}, x.options().dtype(at::kByte));
+  uint8_t* base = x8.data_ptr<uint8_t>();
+  float* lane_scale = reinterpret_cast<float*>(base);
+  int32_t* lane_sum8 = reinterpret_cast<int32_t*>(base) + lanes;
+  float* group_sum = lane_scale + 2 * lanes;
+  int8_t* xq = reinterpret_cast<int8_t*>(base + words * 4);
+  uint8_t* in_range = base + words * 4 + m * digits * chunks * chunk;
+  const int64_t out_of_range =
+      cpu::int4_a8_quantize_activations(x32.data_ptr<float>(), m, k, k_padded, group_len, chunk,
+                                        static_cast<int>(digits), xq, lane_scale, lane_sum8, group_sum, in_range);
   auto out = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const cpu::Int4A8Args args{{xq, lane_scale, group_sum, static_cast<int>(digits)},
+  const cpu::Int4A8Args args{{xq, lane_scale, lane_sum8, group_sum, static_cast<int>(digits)},
                              reinterpret_cast<const uint8_t*>(w.data_ptr<int32_t>()),
                              s.data_ptr(),
                              o.data_ptr(),
@@ -116,6 +121,16 @@ at::Tensor int4_a8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     std::vector<float> scratch(cpu::int4_a8_scratch_floats(groups));
     rows(args, begin, end, scratch.data());
   });
+  if (out_of_range > 0) {
+    // Rows fixed point cannot hold (inf, NaN, magnitudes past 2^64 or below 2^-64; their
+    // outputs above are NaN): the W4A16 kernel, whose fp32 products give what x @ W.T gives.
+    std::vector<int64_t> redo;
+    for (int64_t r = 0; r < m; ++r)
+      if (!in_range[r]) redo.push_back(r);
+    const auto index = at::tensor(redo, x.options().dtype(at::kLong));
+    const auto exact = int4_mm_cpu(x.index_select(0, index), qweight, scales, offsets, group_len, bias);
+    out.index_copy_(0, index, exact.to(at::kFloat));
+  }
   return out.to(x.scalar_type());
 }
 

@@ -33,6 +33,8 @@ struct Avx2 {
   }
   static ivec shift_digit(ivec i) { return _mm256_slli_epi32(i, 8); }
   static ivec izero() { return _mm256_setzero_si256(); }
+  static ivec isub(ivec a, ivec b) { return _mm256_sub_epi32(a, b); }
+  static ivec load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static vec to_float(ivec i) { return _mm256_cvtepi32_ps(i); }
   static vec zero() { return _mm256_setzero_ps(); }
   static vec load(const float* p) { return _mm256_loadu_ps(p); }

@@ -27,6 +27,8 @@ struct Avx512Vnni {
   static ivec dot(ivec acc, ivec u, const int8_t* p) { return _mm512_dpbusd_epi32(acc, u, _mm512_loadu_si512(p)); }
   static ivec shift_digit(ivec i) { return _mm512_slli_epi32(i, 8); }
   static ivec izero() { return _mm512_setzero_si512(); }
+  static ivec isub(ivec a, ivec b) { return _mm512_sub_epi32(a, b); }
+  static ivec load_i(const int32_t* p) { return _mm512_loadu_si512(p); }
   static vec to_float(ivec i) { return _mm512_cvtepi32_ps(i); }
   static vec zero() { return _mm512_setzero_ps(); }
   static vec load(const float* p) { return _mm512_loadu_ps(p); }

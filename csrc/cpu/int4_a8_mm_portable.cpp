@@ -56,6 +56,14 @@ struct Portable {
     return from_lanes(lanes);
   }
   static ivec izero() { return ivec{}; }
+  static ivec isub(const ivec& a, const ivec& b) {
+    int32_t x[L], y[L];
+    int_lanes(a, x);
+    int_lanes(b, y);
+    for (int l = 0; l < L; ++l) x[l] -= y[l];
+    return from_lanes(x);
+  }
+  static ivec load_i(const int32_t* p) { return from_lanes(p); }
   static vec to_float(const ivec& i) {
     int32_t lanes[L];
     int_lanes(i, lanes);
@@ -125,16 +133,20 @@ void int4_a8_rows_portable(const Int4A8Args& a, int64_t n_begin, int64_t n_end, 
   int4_a8_rows<Portable>(a, n_begin, n_end, scratch);
 }
 
-void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
-                                  int chunk_cols, int digits, int8_t* xq, float* lane_scale, float* group_sum) {
+int64_t int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t k_padded, int64_t group_len,
+                                     int chunk_cols, int digits, int8_t* xq, float* lane_scale, int32_t* lane_sum8,
+                                     float* group_sum, uint8_t* in_range) {
   const int64_t chunks = int4_a8_chunks(k_padded, chunk_cols), cols = chunks * chunk_cols;
   const int64_t groups = k_padded / group_len, half = chunk_cols / 2, blocks_per_chunk = chunk_cols / 32;
   const int low_bits = 8 * (digits - 1);                        // 0, 8 or 16
   const float unit = std::ldexp(1.f, low_bits);                 // 1, 256 or 65536
+  int64_t out_of_range = 0;
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * k;
     int8_t* qr = xq + r * digits * cols;
     float* dr = lane_scale + r * (cols / 8);
+    int32_t* cr = lane_sum8 + r * (cols / 8);
+    bool row_in_range = true;
     for (int64_t c = 0; c < chunks; ++c) {
       int8_t* even = qr + c * chunk_cols;  // the chunk's even columns, then its odd ones (each digit `cols` on)
       for (int64_t b = 0; b < blocks_per_chunk; ++b) {
@@ -146,15 +158,17 @@ void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t 
           finite = finite && std::isfinite(xb[i]);
           amax = std::max(amax, std::fabs(xb[i]));
         }
+        const bool in = finite && (amax == 0.f || (amax >= kInt4A8MinAbs && amax <= kInt4A8MaxAbs));
+        row_in_range = row_in_range && in;
         // d = max|x| / 127 and t = x * (127 / max|x|): the reference's roundings
         // (reference.quantize_activations_int8). One digit: round(t) to nearest even. More:
         // v = round(t * unit) = a1 unit + round((t - a1) unit) with a1 = round(t) (t - a1 exact,
         // the products by unit exact; |v| <= 127 unit), written as `digits` int8 digits, the
         // lower ones in [-128, 127] (two's complement bytes), the top one in [-127, 127]; the
-        // lane scale d / unit. Non-finite blocks: d = NaN, no bytes.
-        const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
-        const float d = finite ? amax / 127.f : NAN;
-        for (int64_t l = 0; l < 4; ++l) dr[c * (chunk_cols / 8) + 4 * b + l] = d / unit;
+        // lane scale d / unit. Blocks out of range: d = NaN, no bytes (their row is redone).
+        const float inv = in && amax > 0.f ? 127.f / amax : 0.f;
+        const float d = in ? amax / 127.f : NAN;
+        int32_t lane_sum[4] = {};
         // Column 32 b + i of the chunk is byte 16 b + i / 2 of its even (i even) or odd half.
         for (int64_t i = 0; i < 32; ++i) {
           const float t = i < live && inv != 0.f ? xb[i] * inv : 0.f;
@@ -163,6 +177,7 @@ void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t 
                       (digits > 1 ? static_cast<int32_t>(round_to_even((t - a1) * unit)) : 0);
           const int32_t top = 127 * (int32_t{1} << low_bits);  // t may be an ulp past 127
           v = std::max(-top, std::min(top, v));
+          lane_sum[i / 8] += v;  // lane 4 b + i / 8 of the chunk: its columns 8 l .. 8 l + 7
           const int64_t byte = (i & 1) * half + 16 * b + i / 2;
           for (int digit = digits - 1; digit > 0; --digit) {  // lowest first
             const int8_t low = static_cast<int8_t>(v & 0xFF);  // v - low is a multiple of 256
@@ -171,15 +186,25 @@ void int4_a8_quantize_activations(const float* x, int64_t m, int64_t k, int64_t 
           }
           even[byte] = static_cast<int8_t>(v);
         }
+        for (int64_t l = 0; l < 4; ++l) {
+          dr[c * (chunk_cols / 8) + 4 * b + l] = d / unit;
+          cr[c * (chunk_cols / 8) + 4 * b + l] = 8 * lane_sum[l];  // |8 x 8 x 127 unit| < 2^29
+        }
       }
     }
+    // The groups' sums of x in fp64, rounded once: an fp32 running sum over a long group (a
+    // whole row of 1000 or more) would be off by many roundings, and the offset term carries
+    // that error into every output of the row.
     float* sr = group_sum + r * groups;
     for (int64_t g = 0; g < groups; ++g) {
-      float sum = 0.f;
+      double sum = 0.0;
       for (int64_t col = g * group_len; col < std::min<int64_t>((g + 1) * group_len, k); ++col) sum += xr[col];
-      sr[g] = sum;
+      sr[g] = static_cast<float>(sum);
     }
+    in_range[r] = row_in_range;
+    out_of_range += !row_in_range;
   }
+  return out_of_range;
 }
 
 }  // namespace cpu

@@ -50,8 +50,10 @@ CPU_DENSE_MIN_M = {torch.bfloat16: 1024}
 #                   bf16  40 vs 58   60 vs 86   113 vs 140   189 vs 175
 #   4096 x 4096 g128 fp32 338 vs 422  467 vs 657  827 vs 1341  1538 vs 1944  2900 vs 2531
 #                   bf16  279 vs 460  402 vs 618  679 vs 1346  1153 vs 1952  2318 vs 2554
-# Past a few rows the W4A16 kernel's blocked GEMM, which reuses each dequantized weight over
-# more rows of x, wins on the narrow layers first.
+# (at 54a5524; centring the weight at q = 8, for accuracy on one-signed x, added an integer
+# subtraction per lane: 8-28% more time at M = 2-4 in 3 alternating processes on another
+# session's Xeon, M = 1 within its noise). Past a few rows the W4A16 kernel's blocked GEMM,
+# which reuses each dequantized weight over more rows of x, wins on the narrow layers first.
 CPU_INT_MAX_M = {torch.float32: 2, torch.bfloat16: 4, torch.float16: 4}
 
 

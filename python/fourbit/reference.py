@@ -35,13 +35,17 @@ def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offset
 # The "cpu-a8" and "cpu-int" backends' numerics (int8 / fixed-point integer activations),
 # their spec and test oracle.
 A8_BLOCK = 32
+# A block of 32 activations fixed point holds: finite, max|x| 0 or within [2^-64, 2^64]
+# (csrc/include/fourbit/int4_a8_cpu.h: beyond, fp32 scales and sums would over- or underflow).
+A8_RANGE = (2.0**-64, 2.0**64)
 
 
 def quantize_activations_int8(x: torch.Tensor, digits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x float [M, K] -> (xq int8 [M, K_32], d fp32 [M, K_32 / 32]) with K_32 = K rounded up to
     32: per block of 32 columns d = max|x| / 127 and xq = round(x * (127 / max|x|)) (to
-    nearest even), so x ~ xq * d. Zero padding; an all-zero block gets d = 0. A block holding
-    inf or NaN gets d = NaN (and zero bytes): every output it reaches is NaN.
+    nearest even), so x ~ xq * d. Zero padding; an all-zero block gets d = 0. A block out of
+    A8_RANGE (inf, NaN, or a nonzero max|x| past it) gets d = NaN and zero bytes; int4_mm_a8
+    computes its row by int4_mm instead.
 
     digits 2 or 3 ("cpu-int", fixed_point_digits): with t = x * (127 / max|x|) in fp32 and
     unit = 256^(digits - 1), xq = round(t * unit) (int16 / int32, |xq| <= 127 unit) and
@@ -54,14 +58,16 @@ def quantize_activations_int8(x: torch.Tensor, digits: int = 1) -> tuple[torch.T
     xp = torch.zeros(m, k32, dtype=torch.float32, device=x.device)
     xp[:, :k] = x.to(torch.float32)
     blocks = xp.view(m, -1, A8_BLOCK)
-    finite = torch.isfinite(blocks).all(-1, keepdim=True)
-    amax = torch.where(finite, blocks.abs().amax(-1, keepdim=True), 0.0)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    in_range = (amax == 0) | ((amax >= A8_RANGE[0]) & (amax <= A8_RANGE[1]))
+    held = torch.isfinite(blocks).all(-1, keepdim=True) & in_range
+    amax = torch.where(held, amax, 0.0)
     # The quotients correctly rounded to fp32, as the kernel's fp32 divisions give them (via
     # fp64: one division then one rounding is exact for these; torch's fp32 tensor division
     # may multiply by a reciprocal instead, off by an ulp).
     inv = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
-    t = torch.where(finite, blocks * inv, 0.0)
-    d = torch.where(finite, (amax.double() / 127.0).float(), float("nan"))
+    t = torch.where(held, blocks * inv, 0.0)
+    d = torch.where(held, (amax.double() / 127.0).float(), float("nan"))
     if digits == 1:
         return t.round().clamp(-127, 127).to(torch.int8).view(m, k32), d.view(m, -1)
     unit = 256 ** (digits - 1)  # t * unit is exact in fp32 (|t| <= 127, unit <= 2^16)
@@ -80,11 +86,12 @@ def int4_mm_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                group_len: int, bias: torch.Tensor | None = None, digits: int = 1) -> torch.Tensor:
     """int4_mm with x quantized first (quantize_activations_int8, `digits` int8 digits): what the
     "cpu-a8" (digits=1) and "cpu-int" (fixed_point_digits(x.dtype)) backends compute, here in
-    fp64. With w = q s + m:
+    fp64. With w = q s + m = (q - 8) s + m', m' = m + 8 s rounded to fp32:
 
-        out = sum_g s[n, g] sum_{k in g} q[n, k] (xq d)[m, k] + sum_g m[n, g] sum_{k in g} x[m, k]
+        out = sum_g s[n, g] sum_{k in g} (q[n, k] - 8) (xq d)[m, k] + sum_g m'[n, g] sum_{k in g} x[m, k]
 
-    the offset term from the unquantized x. Args and result as int4_mm.
+    the offset term from the unquantized x (nothing of a symmetric weight, m' = 0). Rows of x
+    with a block out of A8_RANGE are int4_mm's (W4A16) instead. Args and result as int4_mm.
     """
     m, k = x.shape
     kp = 8 * qweight.shape[1]
@@ -93,13 +100,18 @@ def int4_mm_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     cols = min(kp, xq.shape[1])
     xd[:, :cols] = (xq.double() * d.double().repeat_interleave(A8_BLOCK, 1))[:, :cols]
     q = dequantize(qweight, torch.ones_like(scales), torch.zeros_like(offsets), group_len, kp).double()
-    out = xd @ (q * scales.double().repeat_interleave(group_len, 1)).T
+    out = xd @ ((q - 8) * scales.double().repeat_interleave(group_len, 1)).T
+    centred = (offsets.float() + 8 * scales.float()).double()
     xs = torch.zeros(m, kp, dtype=torch.float64, device=x.device)
     xs[:, :k] = x.double()
-    out += xs.view(m, -1, group_len).sum(-1) @ offsets.double().T
+    out += xs.view(m, -1, group_len).sum(-1) @ centred.T
     if bias is not None:
         out += bias.double()
-    return out.to(x.dtype)
+    out = out.to(x.dtype)
+    redo = d.isnan().any(-1)
+    if redo.any():
+        out[redo] = int4_mm(x[redo], qweight, scales, offsets, group_len, bias)
+    return out
 
 
 # ---- Paged KV cache (layout: kv_cache.py) ----

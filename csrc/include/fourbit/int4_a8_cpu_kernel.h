@@ -6,6 +6,7 @@
 //   low(w), high(w)      its low and high nibbles as bytes (even and odd columns)
 //   dot(acc, u, p)       acc + per lane the sum of 4 products u8 (u) x s8 (bytes at p)
 //   shift_digit(i)       each 32-bit lane shifted left by 8 bits (x 256, the high digit's weight)
+//   isub(a, b), load_i(p)  32-bit lane differences; L int32 lanes from p
 //   izero(), to_float(i), zero(), load(p), broadcast(s), mul(a, b), fma(a, b, c), hsum(v)
 //   lane_index(shift), expand(p, index)   lane l takes p[l >> shift]
 //   to_float(p, type, count, out)         count scales widened to fp32
@@ -25,14 +26,15 @@ namespace cpu {
 
 // One chunk (C columns, `bytes` of each weight row: B but in a row's last chunk) of NR weight
 // rows (w, rows row_bytes apart) against MR rows of x (xq, x_row bytes apart, each digit of a
-// row `plane` bytes after the one above it; their lane scales d, d_row floats apart):
-// acc[j][r] += the chunk's lanes, each scaled by its weight scale (from ss[j]) and its
-// activation block's d.
+// row `plane` bytes after the one above it; their lane scales d and lane sums c8, d_row apart):
+// acc[j][r] += the chunk's lanes of sum (q - 8) xq, each scaled by its weight scale (from
+// ss[j]) and its activation block's d.
 template <class V, int MR, int NR, bool PerLane, int Digits>
 __attribute__((always_inline)) inline void int4_a8_chunk(typename V::vec (&acc)[NR][MR], const uint8_t* w,
                                                          int64_t row_bytes, int bytes, const float* const (&ss)[NR],
                                                          typename V::ivec index, const int8_t* xq, int64_t x_row,
-                                                         int64_t plane, const float* d, int64_t d_row) {
+                                                         int64_t plane, const float* d, const int32_t* c8,
+                                                         int64_t d_row) {
   using vec = typename V::vec;
   using ivec = typename V::ivec;
   constexpr int B = V::C / 2;
@@ -46,13 +48,15 @@ __attribute__((always_inline)) inline void int4_a8_chunk(typename V::vec (&acc)[
       // Each lower digit (its bytes `plane` after the one above): the sum so far x 256, plus its products.
       for (int digit = 1; digit < Digits; ++digit)
         sum = V::dot(V::dot(V::shift_digit(sum), lo, xr + digit * plane), hi, xr + digit * plane + B);
+      // Centred: sum (q - 8) xq = sum q xq - 8 sum xq, exact (see int4_a8_cpu.h).
+      sum = V::isub(sum, V::load_i(c8 + r * d_row));
       acc[j][r] = V::fma(V::to_float(sum), V::mul(ws, V::load(d + r * d_row)), acc[j][r]);
     }
   }
 }
 
 // Weight rows n0 .. n0 + NR - 1 against rows m0 .. m0 + MR - 1 of x; s and o hold those
-// weight rows' scales and offsets in fp32 ([NR][groups + 4]). Per chunk, each weight row is
+// weight rows' scales and centred offsets o' = o + 8 s in fp32 ([NR][groups + 4]). Per chunk, each weight row is
 // unpacked once and meets every row of x, and each row of x's chunk (loaded from L2 once)
 // meets NR weight rows from L1: an activation row of K bytes plus its scales would not stay
 // in L1 across many weight rows. PerLane: the chunk's lanes split over several groups
@@ -69,6 +73,7 @@ inline void int4_a8_block(const Int4A8Args& a, int64_t n0, int64_t m0, const flo
   const int64_t plane = chunks * C, x_row = Digits * plane, d_row = chunks * L;
   const int8_t* xq = a.x.q + m0 * x_row;
   const float* d = a.x.lane_scale + m0 * d_row;
+  const int32_t* c8 = a.x.lane_sum8 + m0 * d_row;
   const int64_t groups_per_chunk = PerLane ? C / a.group_len : 0;
   const int64_t chunks_per_group = PerLane ? 0 : a.groups == 1 ? chunks : a.group_len / C;
   const ivec index = V::lane_index(a.group_len == 32 ? 2 : 3);
@@ -82,19 +87,20 @@ inline void int4_a8_block(const Int4A8Args& a, int64_t n0, int64_t m0, const flo
     const float* ss[NR];
     for (int j = 0; j < NR; ++j) ss[j] = PerLane ? s + j * row_floats + c * groups_per_chunk : s + j * row_floats + group;
     int4_a8_chunk<V, MR, NR, PerLane, Digits>(acc, w + c * B, row_bytes, B, ss, index, xq + c * C, x_row, plane,
-                                              d + c * L, d_row);
+                                              d + c * L, c8 + c * L, d_row);
     if (!PerLane && --left == 0) ++group, left = chunks_per_group;
   }
   if (full < chunks) {  // the row's last, partial chunk
     const float* ss[NR];
     for (int j = 0; j < NR; ++j) ss[j] = PerLane ? s + j * row_floats + full * groups_per_chunk : s + j * row_floats + group;
     int4_a8_chunk<V, MR, NR, PerLane, Digits>(acc, w + full * B, row_bytes, static_cast<int>(row_bytes - full * B), ss,
-                                              index, xq + full * C, x_row, plane, d + full * L, d_row);
+                                              index, xq + full * C, x_row, plane, d + full * L, c8 + full * L,
+                                              d_row);
   }
   for (int j = 0; j < NR; ++j) {
     const float* oj = o + j * row_floats;
     for (int r = 0; r < MR; ++r) {
-      // The offset term in fp32: sum over groups of o[n, g] X[m, g].
+      // The offset term in fp32: sum over groups of o'[n, g] X[m, g].
       const float* xs = a.x.group_sum + (m0 + r) * a.groups;
       // Its lanes join the chunks' in one horizontal sum.
       vec total = acc[j][r];
@@ -155,6 +161,7 @@ inline void int4_a8_rows_of(const Int4A8Args& a, int64_t n_begin, int64_t n_end,
     for (int j = 0; j < rows; ++j) {
       V::to_float(a.scales, a.scale_type, (n0 + j) * a.groups, a.groups, s + j * row_floats);
       V::to_float(a.offsets, a.offset_type, (n0 + j) * a.groups, a.groups, o + j * row_floats);
+      for (int64_t g = 0; g < a.groups; ++g) o[j * row_floats + g] += 8.f * s[j * row_floats + g];  // o'
     }
     if (rows == NR) {
       if (per_lane) int4_a8_row_block<V, NR, true, Digits>(a, n0, s, o, row_floats);
